@@ -1,0 +1,100 @@
+"""Frames between the supervisor and a worker over their AF_UNIX SOCK_SEQPACKET pair.
+
+Every frame is one fixed ``struct`` header, optionally with exactly one descriptor (SCM_RIGHTS).
+The same small module serves both directions and both sides: it touches only ``sendmsg`` and
+``recvmsg``, so it works on a plain socket (supervisor) and a gevent socket (worker) alike.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+HEADER = struct.Struct("!4sBBHQ")  # magic, version, kind, spare, argument
+MAGIC = b"IUP3"
+VERSION = 1
+_FD_ROOM = 4  # room for surplus descriptors, which are closed, so none leaks
+
+
+class Kind(IntEnum):
+    # supervisor -> worker
+    CONNECTION = 1   # carries the accepted client socket; argument unused
+    DRAIN = 2        # stop taking work, finish sessions; argument = deadline seconds, 0 = none
+    LOGLEVEL = 3     # argument = index into LOG_LEVELS
+    RELOAD = 4       # re-read the XTND authorization file
+    REOPEN_LOG = 5   # the log file was rotated
+    # worker -> supervisor
+    SHUTDOWN = 10    # an authorized XTND SHUTDOWN
+    SET_LOGLEVEL = 11  # an authorized XTND LOGLEVEL; argument = level index
+
+
+class HandoffError(Exception):
+    """A malformed frame: the channel is no longer trustworthy and is closed."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    argument: int = 0
+    fd: int | None = None
+
+
+def send_frame(sock: socket.socket, kind: Kind, argument: int = 0, fd: int | None = None,
+               flags: int = 0) -> None:
+    """Send one frame; the caller still owns ``fd`` and closes it once this returns."""
+    data = HEADER.pack(MAGIC, VERSION, kind, 0, argument)
+    ancillary = []
+    if fd is not None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    sent = sock.sendmsg([data], ancillary, flags)
+    if sent != len(data):  # SEQPACKET sends whole records or nothing
+        raise HandoffError(f"short send of {sent} bytes")
+
+
+def recv_frame(sock: socket.socket) -> Frame | None:
+    """Receive one frame; None when the peer has gone (empty read)."""
+    fds = array.array("i")
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        HEADER.size, socket.CMSG_SPACE(_FD_ROOM * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if msg_flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise HandoffError("descriptors truncated (MSG_CTRUNC)")
+    if not data and not fds:
+        return None
+    if len(data) != HEADER.size or msg_flags & socket.MSG_TRUNC:
+        _close_all(fds)
+        raise HandoffError(f"bad frame length {len(data)}")
+    magic, version, kind, _, argument = HEADER.unpack(data)
+    if magic != MAGIC or version != VERSION:
+        _close_all(fds)
+        raise HandoffError("bad frame magic or version")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        _close_all(fds)
+        raise HandoffError(f"unknown frame kind {kind}") from None
+    wants_fd = kind is Kind.CONNECTION
+    if len(fds) != (1 if wants_fd else 0):
+        _close_all(fds)
+        raise HandoffError(f"{kind.name} frame with {len(fds)} descriptors")
+    return Frame(kind, argument, fds[0] if wants_fd else None)
+
+
+def _close_all(fds: array.array) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A (supervisor end, worker end) pair; both close-on-exec until deliberately passed."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

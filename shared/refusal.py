@@ -1,0 +1,9 @@
+"""The lines the supervisor writes to a connection it will not hand to a worker.
+
+They are opaque bytes to the supervisor: it only knows *why* it refuses, not which protocol the
+line belongs to. The wording follows RFC 2449's [SYS/TEMP] code.
+"""
+
+TOO_MANY_SESSIONS = b"-ERR [SYS/TEMP] too many sessions, try again later\r\n"
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] server is shutting down, try again later\r\n"
+NO_WORKER = b"-ERR [SYS/TEMP] no worker can take the session now, try again later\r\n"

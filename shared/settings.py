@@ -1,0 +1,300 @@
+"""Every setting of iupop3, declared once.
+
+The list ``SETTINGS`` drives the command line (IUPOP3 style: one dash, case-insensitive, never
+abbreviated), the TOML config file, ``-help``, the example in ``etc/`` and the README table.
+The supervisor parses; workers receive the resolved ``Settings`` as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+LOG_LEVELS = ("ERROR", "INFO", "THREAD", "DEBUG")
+
+
+class SettingsError(ValueError):
+    """A bad command line or config file; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # TOML key and attribute name
+    kind: str  # "int", "str", "path", "bool", "list", "choice"
+    default: Any
+    help: str
+    flag: str = ""  # command-line flag without the dash; defaults to name
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    section: str = "server"
+
+    @property
+    def option(self) -> str:
+        return "-" + (self.flag or self.name)
+
+    def convert(self, value: Any, where: str) -> Any:
+        """Turn a command-line string or TOML value into this setting's type, or raise."""
+        try:
+            return _CONVERTERS[self.kind](self, value)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{where}: {self.option} {exc}") from None
+
+    def default_text(self) -> str:
+        if self.kind == "bool":
+            return "off" if not self.default else "on"
+        if self.kind == "list":
+            return " ".join(self.default) if self.default else "(none)"
+        if self.default is None or self.default == "":
+            return "(none)"
+        if self.name == "workers" and self.default == 0:
+            return "0 (one per CPU)"
+        return str(self.default)
+
+
+def _to_int(setting: Setting, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("wants a whole number")
+    if isinstance(value, str):
+        if not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"wants a whole number, not {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError("wants a whole number")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ValueError(f"must be at least {setting.minimum}, not {value}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ValueError(f"must be at most {setting.maximum}, not {value}")
+    return value
+
+
+def _to_str(setting: Setting, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("wants a string")
+    return value
+
+
+def _to_path(setting: Setting, value: Any) -> str:
+    value = _to_str(setting, value)
+    return os.path.abspath(os.path.expanduser(value)) if value else ""
+
+
+def _to_bool(setting: Setting, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("wants true or false")
+
+
+def _to_list(setting: Setting, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("wants a list of strings")
+
+
+def _to_choice(setting: Setting, value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in setting.choices:
+        raise ValueError(f"must be one of {', '.join(setting.choices)}, not {value!r}")
+    return value.upper()
+
+
+_CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
+    "int": _to_int,
+    "str": _to_str,
+    "path": _to_path,
+    "bool": _to_bool,
+    "list": _to_list,
+    "choice": _to_choice,
+}
+
+SETTINGS: tuple[Setting, ...] = (
+    # The IUPOP3 1.8 command line.
+    Setting("port", "int", 110, "TCP port for POP3 (IUPOP3: 'a port other than 110, for testing')",
+            minimum=1, maximum=65535),
+    Setting("xtnd", "path", "", "authorization file for the privileged XTND commands"),
+    Setting("loglevel", "choice", "THREAD", "initial logging level: ERROR, INFO, THREAD or DEBUG",
+            choices=LOG_LEVELS),
+    Setting("logfile", "path", "", "log to this file (new file each midnight) instead of stdout"),
+    Setting("maxmsg", "int", 20, "most messages a session may discover, oldest first; 0 = no limit",
+            minimum=0),
+    Setting("purge_reclaim", "bool", False,
+            "delete for good instead of moving deleted mail to the wastebasket"),
+    Setting("login_attempts", "int", 2,
+            "failed logins a connection may make before the server closes it", minimum=1),
+    Setting("wastebasket", "str", ".Trash",
+            "Maildir++ folder that deleted mail is moved to (unless -purge_reclaim)"),
+    # Today's additions.
+    Setting("listen", "list", ("0.0.0.0", "::"),
+            "address to listen on (repeat the flag for several)"),
+    Setting("workers", "int", 0, "worker processes; 0 = one per CPU", minimum=0, maximum=256),
+    Setting("maxclients", "int", 1000,
+            "concurrent sessions over all workers (IUPOP3 had 31); the excess is refused",
+            minimum=1),
+    Setting("timeout", "int", 120, "seconds of client silence before the server hangs up",
+            minimum=1),
+    Setting("grace", "int", 30,
+            "seconds sessions get to finish on SIGTERM before they are closed unapplied",
+            minimum=0),
+    Setting("users", "path", "", "users file in Dovecot's passwd-file format"),
+    Setting("mail", "str", "maildir:~/Maildir",
+            "where mail lives: maildir:PATH; %u is the user name, ~ the user's home"),
+    Setting("hostname", "str", "", "host name in the greeting and X-POP3-Server (default: this host's)"),
+    Setting("demo", "bool", False,
+            "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
+    Setting("state", "path", "state", "folder for the demo's users file and mail"),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+BY_FLAG = {(s.flag or s.name).lower(): s for s in SETTINGS}
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS],
+    frozen=True,
+)
+Settings.__doc__ = "Resolved settings: defaults, then the config file, then the command line."
+
+
+def _with_demo_defaults(values: dict[str, Any], explicit: set[str]) -> None:
+    """The embedded default: demo data in the state folder, loopback only, port 1110."""
+    from shared import demo  # only the demo needs it
+
+    if "port" not in explicit:
+        values["port"] = 1110
+    if "listen" not in explicit:
+        values["listen"] = ("127.0.0.1", "::1")
+    users, mail = demo.ensure_state(values["state"])
+    if "users" not in explicit:
+        values["users"] = users
+    if "mail" not in explicit:
+        values["mail"] = mail
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a config file; unknown keys and wrong types are errors, never ignored."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        setting = BY_NAME.get(key)
+        if setting is None:
+            raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        values[key] = setting.convert(value, f"config file {path}")
+    return values
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[dict[str, Any], str | None, bool]:
+    """Parse IUPOP3-style options into (values, config path, help wanted)."""
+    values: dict[str, Any] = {}
+    config: str | None = None
+    want_help = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            raise SettingsError(f"unexpected argument {arg!r} (options start with one dash)")
+        name = arg[1:].lower()
+        if name in ("help", "h", "?"):
+            want_help = True
+            continue
+        if name not in BY_FLAG and name != "config":
+            raise SettingsError(
+                f"unknown option {arg} (options may not be abbreviated; see -help)")
+        setting = BY_FLAG.get(name)
+        if setting is not None and setting.kind == "bool":
+            values[setting.name] = True
+            continue
+        if i >= len(args):
+            raise SettingsError(f"option {arg} needs a value")
+        raw = args[i]
+        i += 1
+        if setting is None:
+            config = raw
+        elif setting.kind == "list":
+            values[setting.name] = values.get(setting.name, ()) + (raw,)
+        else:
+            values[setting.name] = setting.convert(raw, "command line")
+    return values, config, want_help
+
+
+def resolve(argv: Sequence[str]) -> tuple[Any, bool]:
+    """Defaults < config file < command line. Returns (Settings, help wanted)."""
+    cli_values, config, want_help = parse_command_line(argv)
+    values = {s.name: s.default for s in SETTINGS}
+    explicit = set(cli_values)
+    if config:
+        file_values = load_toml(os.path.abspath(config))
+        values.update(file_values)
+        explicit |= set(file_values)
+    values.update(cli_values)
+    if want_help:
+        return Settings(**values), True
+    if values["demo"]:
+        _with_demo_defaults(values, explicit)
+    if not values["users"]:
+        raise SettingsError("no users file: give -users FILE, or -demo for the embedded demo")
+    return Settings(**values), False
+
+
+def help_text(prog: str = "iupop3") -> str:
+    lines = [f"usage: {prog} [options]   (one dash, case-insensitive, never abbreviated)", "",
+             f"  {'-config FILE':<22} TOML file with any of the settings below; the command line wins"]
+    for s in SETTINGS:
+        arg = "" if s.kind == "bool" else " " + {"int": "N", "path": "FILE", "list": "ADDR",
+                                                 "choice": "LEVEL"}.get(s.kind, "VALUE")
+        lines.append(f"  {s.option + arg:<22} {s.help} [default: {s.default_text()}]")
+    lines.append(f"  {'-help':<22} this text")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(settings: Any) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def from_json(text: str) -> Any:
+    data = json.loads(text)
+    data["listen"] = tuple(data["listen"])
+    return Settings(**data)
+
+
+def example_toml() -> str:
+    """The annotated example config; etc/iupop3.toml must equal this (a test checks)."""
+    out = ["# iupop3 example configuration. Every key is optional; the command line wins.",
+           "# Generated from shared/settings.py (python3 dev.py docs); do not edit by hand.", ""]
+    for s in SETTINGS:
+        if s.name in ("demo", "state"):
+            continue
+        out.append(f"# {s.help}")
+        out.append(f"#{s.name} = {_toml_value(s.default)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
+
+
+def markdown_table() -> str:
+    """The README's settings table (between the SETTINGS markers)."""
+    rows = ["| option | config key | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.option}` | `{s.name}` | {s.default_text()} | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,111 @@
+"""One client connection in a worker: read lines, feed the session, write its replies.
+
+Owns the abuse limits of the read loop (line length, idle timeout) and the session's
+end-of-life bookkeeping: exactly one of Normal/Abnormal Disconnects or Client Timeouts per
+connection, the socket closed in one ``finally``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from gevent import GreenletExit
+
+from shared.logsetup import THREAD, log
+from shared.stats import Counter
+from worker import replies as R
+from worker.context import ServerContext
+from worker.pop3 import MAX_LINE, Session
+
+_READ_SIZE = 4096
+
+
+def peer_name(sock: socket.socket) -> str:
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) or "local"
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str):
+        self.sock = sock
+        self.ctx = ctx
+        self.session = Session(ctx, self.write, peer_name(sock), session_id)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        sent = self.sock.send(data)
+        if sent < len(data):
+            # The client is not reading as fast as we write: IUPOP3's "Blocked Socket Count".
+            self.ctx.count(Counter.BLOCKED)
+            self.sock.sendall(data[sent:])
+
+    def serve(self) -> None:
+        ctx, session = self.ctx, self.session
+        ctx.count(Counter.CURRENT)
+        ctx.count(Counter.TOTAL)
+        outcome = Counter.ABNORMAL
+        try:
+            self.sock.settimeout(ctx.settings.timeout)
+            session.start()
+            self._read_loop()
+            if session.closing:
+                outcome = Counter.NORMAL
+        except socket.timeout:
+            outcome = Counter.TIMEOUTS
+            session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
+            self._try_send(R.TIMEOUT.format(seconds=ctx.settings.timeout))
+        except GreenletExit:
+            session.log.info("session closed by shutdown; nothing applied")
+            self._try_send(R.SHUTTING_DOWN)
+        except OSError as exc:
+            session.log.log(THREAD, "connection lost: %s", exc.strerror or exc)
+        except Exception:
+            log.exception("unexpected error in session")
+        finally:
+            session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
+            ctx.count(outcome)
+            ctx.count(Counter.CURRENT, -1)
+            self.sock.close()
+
+    def _read_loop(self) -> None:
+        session = self.session
+        buffer = b""
+        discarding = False
+        while not session.closing:
+            data = self.sock.recv(_READ_SIZE)
+            if not data:
+                return
+            buffer += data
+            while not session.closing:
+                end = buffer.find(b"\n")
+                if end < 0:
+                    if len(buffer) > MAX_LINE:
+                        if not discarding:
+                            session.line_too_long()
+                        discarding = True
+                        buffer = b""
+                    break
+                line, buffer = buffer[:end], buffer[end + 1:]
+                if discarding:
+                    discarding = False  # the end of the over-long line: already answered
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) + 2 > MAX_LINE:
+                    session.line_too_long()
+                    continue
+                session.handle_line(line)
+
+    def _try_send(self, line: str) -> None:
+        try:
+            self.sock.settimeout(1)
+            self.sock.sendall(line.encode() + b"\r\n")
+        except OSError:
+            pass

@@ -1,0 +1,99 @@
+"""What every session of a worker shares: settings, users, statistics slot, mail location.
+
+Sessions call these methods instead of touching files or shared memory themselves, so the
+protocol stays free of policy and the sans-IO tests can build a real context without sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shared import passwords
+from shared.stats import Counter, Header, StatsArea
+from shared.users import Account
+from shared.version import VERSION
+from worker.maildir import Maildrop, MaildropError
+
+if TYPE_CHECKING:
+    from worker.pop3 import Session
+
+
+def _direct(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
+
+
+class ServerContext:
+    def __init__(self, settings: Any, stats: StatsArea, slot: int, users: dict[str, Account],
+                 run_blocking: Callable[..., Any] = _direct):
+        self.settings = settings
+        self.stats = stats
+        self.slot = slot
+        self.users = users
+        self.version = VERSION
+        self.hostname = settings.hostname or socket.gethostname()
+        started = stats.get_header(Header.START_TIME) or int(time.time())
+        self.since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        # Password hashing can take milliseconds: the worker runs it off the event loop.
+        self._run_blocking = run_blocking
+        self._user_entries: dict[int, int] = {}
+        self._free_entries: list[int] = []
+        self._next_entry = 0
+
+    # -- authentication ---------------------------------------------------------------------
+    def authenticate(self, user: str, password: bytes) -> Account | None:
+        """The account if the password is right and the account accessible, else None.
+
+        Unknown users are checked against a dummy hash of the same cost, and every failure
+        looks the same to the caller: nothing tells which users exist.
+        """
+        account = self.users.get(user)
+        stored = account.password if account is not None else passwords.DUMMY
+        good = self._run_blocking(passwords.verify, stored, password)
+        if not good or account is None or not account.accessible:
+            return None
+        return account
+
+    def maildrop_for(self, account: Account) -> Maildrop:
+        kind, _, where = self.settings.mail.partition(":")
+        if kind != "maildir" or not where:
+            raise MaildropError(f"unsupported mail location {self.settings.mail!r}")
+        path = where.replace("%u", account.name)
+        if path.startswith("~"):
+            if not account.home:
+                raise MaildropError(f"user {account.name} has no home for {where!r}")
+            path = account.home.rstrip("/") + path[1:]
+        return Maildrop(path, self.settings.wastebasket, self.settings.purge_reclaim)
+
+    # -- statistics -------------------------------------------------------------------------
+    def count(self, counter: Counter, amount: int = 1) -> None:
+        self.stats.add(self.slot, counter, amount)
+
+    def auth_failed(self) -> None:
+        self.count(Counter.AUTH_FAILURES)
+
+    def retrieved(self, octets: int) -> None:
+        stats, slot = self.stats, self.slot
+        stats.add(slot, Counter.RETR_MESSAGES)
+        stats.add(slot, Counter.RETR_OCTETS, octets)
+        low = stats.get(slot, Counter.RETR_MIN)
+        if not low or octets < low:
+            stats.set(slot, Counter.RETR_MIN, octets)
+        if octets > stats.get(slot, Counter.RETR_MAX):
+            stats.set(slot, Counter.RETR_MAX, octets)
+
+    def user_logged_in(self, session: "Session") -> None:
+        if self._free_entries:
+            entry = self._free_entries.pop()
+        else:
+            entry, self._next_entry = self._next_entry, self._next_entry + 1
+        self._user_entries[id(session)] = entry
+        self.stats.set_user(self.slot, entry, session.account_name or "")
+
+    def user_logged_out(self, session: "Session") -> None:
+        entry = self._user_entries.pop(id(session), None)
+        if entry is not None:
+            self.stats.set_user(self.slot, entry, "")
+            self._free_entries.append(entry)

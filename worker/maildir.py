@@ -1,0 +1,219 @@
+"""A Maildir as a POP3 maildrop: scan, size, read, lock, and commit deletions.
+
+The session opens one ``Maildrop`` after a good login and calls ``commit`` only in the UPDATE
+state; everything before that is read-only, so a dropped connection or a killed worker changes
+nothing on disk. Deleted mail goes to the wastebasket folder (Maildir++ ``.Trash``) unless
+``purge`` is set, like VMS MAIL's WASTEBASKET and IUPOP3's ``-purge_reclaim``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+LOCK_NAME = ".iupop3.lock"
+_SIZE_FIELDS = re.compile(rb",([SW])=(\d+)")
+_UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
+_CHUNK = 64 * 1024
+
+
+class MaildropBusy(Exception):
+    """Another session holds this maildrop."""
+
+
+class MaildropError(Exception):
+    """The maildrop cannot be opened (permissions, not a directory...)."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One message as the session sees it; ``index`` is 0-based, POP3 numbers are index + 1."""
+
+    index: int
+    uid: str
+    size: int       # octets with CRLF line ends, as RETR sends them (before stuffing)
+    path: str
+    base: str       # Maildir unique name (before ":2,"), stable across new/ -> cur/
+    foreign: bool = False
+
+
+def uid_for(base: str) -> str:
+    """The UIDL of a message: its Maildir unique name, or a digest of it when unfit.
+
+    A unique name never changes while the message lives in this Maildir (moving new/ -> cur/
+    and flag changes only touch the part after ':'), so the UIDL is stable forever.
+    """
+    if _UIDL_OK.fullmatch(base):
+        return base
+    return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def wire_size(data: bytes) -> int:
+    """Octets of ``data`` once every bare LF is sent as CRLF."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+def file_wire_size(path: str) -> int:
+    """Wire size of a file, read in chunks; a CR at a chunk's end is carried to the next."""
+    total = 0
+    carry = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            chunk = carry + chunk
+            carry = b""
+            if chunk.endswith(b"\r"):
+                carry, chunk = b"\r", chunk[:-1]
+            total += wire_size(chunk)
+    return total + len(carry)
+
+
+def ensure_maildir(path: str) -> None:
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+class Maildrop:
+    """One user's Maildir, locked for the lifetime of a POP3 session."""
+
+    def __init__(self, path: str, wastebasket: str = ".Trash", purge: bool = False):
+        self.path = path
+        self.wastebasket = wastebasket
+        self.purge = purge
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the session lock; flock is per open file, so it holds across workers and
+        between two sessions of one worker, and dies with the process that holds it."""
+        try:
+            ensure_maildir(self.path)
+            fd = os.open(os.path.join(self.path, LOCK_NAME),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MaildropBusy(self.path) from None
+            raise MaildropError(f"cannot lock maildrop {self.path}: {exc.strerror}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor releases the flock
+            self._lock_fd = None
+
+    def scan(self, maxmsg: int = 0) -> list[Message]:
+        """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
+        found: list[tuple[int, str, str, str]] = []
+        for sub in ("new", "cur"):
+            folder = os.path.join(self.path, sub)
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith("."):
+                    continue
+                base = name.split(":", 1)[0]
+                found.append((_delivery_time(folder, name), base, sub, name))
+        found.sort()
+        if maxmsg:
+            found = found[:maxmsg]
+        messages = []
+        for when, base, sub, name in found:
+            path = os.path.join(self.path, sub, name)
+            try:
+                size = _size_of(path, name)
+            except FileNotFoundError:
+                continue  # removed by another program since the listing
+            messages.append(Message(len(messages), uid_for(base), size, path, base))
+        return messages
+
+    def open_message(self, message: Message):
+        """A binary file of the stored message; it may have moved new/ -> cur/ meanwhile."""
+        try:
+            return open(message.path, "rb")
+        except FileNotFoundError:
+            message.path = self._find(message.base)
+            return open(message.path, "rb")
+
+    def commit(self, deleted: list[Message]) -> None:
+        """Apply the session's deletions (UPDATE state only)."""
+        if not deleted:
+            return
+        trash = None if self.purge else os.path.join(self.path, self.wastebasket)
+        if trash:
+            ensure_maildir(trash)
+            marker = os.path.join(trash, "maildirfolder")
+            if not os.path.exists(marker):
+                open(marker, "a").close()
+        for message in deleted:
+            try:
+                self._remove(message, trash)
+            except FileNotFoundError:
+                continue  # already gone: another client deleted it, which is what we wanted
+        if self.purge:
+            self.empty_wastebasket()
+
+    def _remove(self, message: Message, trash: str | None) -> None:
+        path = message.path
+        if not os.path.exists(path):
+            path = self._find(message.base)
+        if trash is None:
+            os.unlink(path)
+            return
+        name = os.path.basename(path)
+        if ":2," not in name:
+            name += ":2,"
+        # rename() is atomic: the message is in exactly one folder at every moment.
+        os.rename(path, os.path.join(trash, "cur", name))
+
+    def empty_wastebasket(self) -> None:
+        trash = os.path.join(self.path, self.wastebasket)
+        for sub in ("cur", "new"):
+            folder = os.path.join(trash, sub)
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
+
+    def _find(self, base: str) -> str:
+        for sub in ("cur", "new"):
+            folder = os.path.join(self.path, sub)
+            try:
+                for name in os.listdir(folder):
+                    if name == base or name.startswith(base + ":"):
+                        return os.path.join(folder, name)
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(base)
+
+
+def _delivery_time(folder: str, name: str) -> int:
+    """Maildir names start with the delivery time; other names fall back to the file's mtime."""
+    head = name.split(".", 1)[0]
+    if head.isdigit():
+        return int(head)
+    try:
+        return int(os.stat(os.path.join(folder, name)).st_mtime)
+    except FileNotFoundError:
+        return 0
+
+
+def _size_of(path: str, name: str) -> int:
+    """The wire size from ``,W=`` (Dovecot's CRLF size) when present, else from the file."""
+    fields = dict(_SIZE_FIELDS.findall(name.encode("utf-8", "surrogateescape")))
+    if b"W" in fields:
+        return int(fields[b"W"])
+    return file_wire_size(path)

@@ -1,0 +1,156 @@
+"""A worker process: receive client sockets from the supervisor, run one greenlet per session.
+
+The supervisor exec's ``python -m worker SLOT`` with the channel on fd 3 and the statistics
+memfd on fd 4. The worker never accepts on a listening socket; an empty read on the channel
+means the supervisor is gone, and then the worker finishes its sessions and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket as stdsocket
+import sys
+import time
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.socket
+from setproctitle import setproctitle
+
+from shared import handoff, logsetup, settings as settings_mod
+from shared.handoff import Kind
+from shared.logsetup import log
+from shared.stats import Counter, Header, StatsArea
+from shared.users import UsersFileError, load_users
+from worker.connection import Connection
+from worker.context import ServerContext
+
+CHANNEL_FD = 3
+STATS_FD = 4
+TICK_SECONDS = 1.0
+
+
+class Worker:
+    def __init__(self, slot: int, settings, stats: StatsArea, ctx: ServerContext):
+        self.slot = slot
+        self.settings = settings
+        self.stats = stats
+        self.ctx = ctx
+        self.sessions = gevent.pool.Group()
+        self.channel = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
+                                            fileno=CHANNEL_FD)
+        self.draining = False
+        self.drain_started = gevent.event.Event()
+        self.drain_deadline: float | None = None
+        self.serial = 0
+        self.handler = None
+
+    def run(self) -> int:
+        self.stats.set(self.slot, Counter.PID, os.getpid())
+        # The slot's CURRENT belongs to this process now (the supervisor zeroed it on a reap).
+        self.stats.set(self.slot, Counter.CURRENT, 0)
+        self.stats.clear_users(self.slot)
+        gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
+        ticker = gevent.spawn(self.tick)
+        receiver = gevent.spawn(self.receive)
+        self.drain_started.wait()
+        self.finish_sessions()
+        receiver.kill()
+        ticker.kill()
+        log.info("worker %d exits", self.slot)
+        return 0
+
+    def receive(self) -> None:
+        """Take frames from the supervisor until it goes away."""
+        while True:
+            try:
+                frame = handoff.recv_frame(self.channel)
+            except handoff.HandoffError as exc:
+                log.error("bad frame from supervisor: %s", exc)
+                frame = None
+            if frame is None:
+                if not self.draining:
+                    log.info("supervisor gone: finishing %d sessions", len(self.sessions))
+                self.begin_drain(0)
+                return
+            self.dispatch(frame)
+
+    def dispatch(self, frame: handoff.Frame) -> None:
+        if frame.kind is Kind.CONNECTION:
+            self.stats.add(self.slot, Counter.RECEIVED)
+            if self.draining:
+                os.close(frame.fd)  # raced with our drain: the client sees a close
+                return
+            sock = gevent.socket.socket(fileno=frame.fd)
+            self.serial += 1
+            session_id = f"w{self.slot}.{self.serial}"
+            self.sessions.spawn(Connection(sock, self.ctx, session_id).serve)
+        elif frame.kind is Kind.DRAIN:
+            self.begin_drain(frame.argument)
+        elif frame.kind is Kind.LOGLEVEL:
+            logsetup.set_level(logsetup.LEVEL_NAMES[frame.argument])
+        elif frame.kind is Kind.REOPEN_LOG and self.handler is not None:
+            self.handler.reopen()
+        elif frame.kind is Kind.RELOAD:
+            log.info("reload requested")
+
+    def begin_drain(self, deadline_seconds: int = 0) -> None:
+        """Stop taking work; sessions get ``deadline_seconds`` (0 = as long as they need)."""
+        if not self.draining:
+            self.draining = True  # RUNNING -> DRAINING
+            log.info("worker %d draining, %d sessions", self.slot, len(self.sessions))
+            self.drain_started.set()
+        if deadline_seconds:
+            deadline = time.monotonic() + deadline_seconds
+            if self.drain_deadline is None or deadline < self.drain_deadline:
+                self.drain_deadline = deadline
+
+    def finish_sessions(self) -> None:
+        """Wait for sessions; past the deadline, close the rest without applying them."""
+        while len(self.sessions):
+            self.sessions.join(timeout=0.2)
+            if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+                log.info("grace period over: closing %d sessions unapplied", len(self.sessions))
+                self.sessions.kill(timeout=5)
+                break
+
+    def tick(self) -> None:
+        shown = None
+        while True:
+            self.stats.set(self.slot, Counter.HEARTBEAT, int(time.monotonic()))
+            current = len(self.sessions)
+            if current != shown:
+                setproctitle(f"iupop3: worker {self.slot} [{current} sessions]")
+                shown = current
+            if self.handler is not None:
+                self.handler.flush_if_due()
+            gevent.sleep(TICK_SECONDS)
+
+
+def main(argv: list[str]) -> int:
+    slot = int(argv[0])
+    settings = settings_mod.from_json(os.environ["IUPOP3_SETTINGS"])
+    # Ctrl-C and a terminal hangup reach the whole process group; the supervisor decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    setproctitle(f"iupop3: worker {slot} [starting]")
+    stats = StatsArea.attach(STATS_FD)
+    level = logsetup.LEVEL_NAMES[stats.get_header(Header.LOGLEVEL)]
+    handler = logsetup.configure(f"worker-{slot}", level, settings.logfile)
+    try:
+        users = load_users(settings.users)
+    except UsersFileError as exc:
+        log.error("%s", exc)
+        return 1
+    hub = gevent.get_hub()
+    ctx = ServerContext(settings, stats, slot, users,
+                        run_blocking=lambda f, *a: hub.threadpool.apply(f, a))
+    worker = Worker(slot, settings, stats, ctx)
+    worker.handler = handler
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

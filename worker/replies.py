@@ -1,0 +1,42 @@
+"""Every reply line the server sends, by name; tests import the same constants.
+
+The wording of the IUPOP3 1.8 README's transcript is kept where it quotes one; response codes
+are RFC 2449 / RFC 3206.
+"""
+
+GREETING = "+OK IUPOP3 server V{version} at {host}, up since {since}"
+PASSWORD_REQUIRED = '+OK Password required for "{user}"'
+LOGIN_OK = "+OK Username/password combination ok"
+NOT_ACCESSIBLE = '-ERR user account "{user}" not accessible'
+SIGNING_OFF = "+OK IUPOP3 server at {host} signing off."
+
+USER_FIRST = "-ERR give USER first"
+BAD_USER_NAME = "-ERR [AUTH] invalid user name"
+TOO_MANY_FAILURES = "-ERR [AUTH] too many failed logins, closing connection"
+IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
+MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
+AUTH_UNAVAILABLE = "-ERR [SYS/TEMP] authentication is unavailable now"
+
+UNKNOWN_COMMAND = "-ERR unknown command"
+WRONG_STATE = "-ERR command not valid in this state"
+BAD_ARGUMENTS = "-ERR wrong arguments for {verb}"
+LINE_TOO_LONG = "-ERR line too long"
+NO_SUCH_MESSAGE = "-ERR no such message"
+ALREADY_DELETED = "-ERR message {n} already deleted"
+SERVER_ERROR = "-ERR [SYS/TEMP] internal server error"
+TIMEOUT = "-ERR [SYS/TEMP] connection timed out after {seconds} seconds of silence"
+SHUTTING_DOWN = "-ERR [SYS/TEMP] server is shutting down, try again later"
+TOO_MANY_SESSIONS = "-ERR [SYS/TEMP] too many sessions ({limit}), try again later"
+UPDATE_FAILED = "-ERR [SYS/TEMP] some deleted messages were not removed"
+
+STAT = "+OK {count} {octets}"
+LIST_ALL = "+OK {count} messages ({octets} octets)"
+LIST_ONE = "+OK {n} {octets}"
+UIDL_ALL = "+OK unique-id listing follows"
+UIDL_ONE = "+OK {n} {uid}"
+RETR = "+OK {octets} octets"
+TOP = "+OK top of message follows"
+DELE = "+OK message {n} deleted"
+RSET = "+OK maildrop has {count} messages ({octets} octets)"
+NOOP = "+OK"
+CAPA = "+OK Capability list follows"

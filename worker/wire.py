@@ -1,0 +1,56 @@
+"""The bytes of a multi-line reply: CRLF line ends and dot-stuffing, chunk by chunk.
+
+RFC 1939 section 3: every line ends in CRLF, a line that starts with "." gets one more, and the
+reply ends with CRLF.CRLF. The stuffer keeps "at start of line" and a trailing CR across chunks,
+so a message is streamed in fixed-size pieces without a per-line Python loop.
+"""
+
+from __future__ import annotations
+
+TERMINATOR = b".\r\n"
+
+
+class DotStuffer:
+    """Feed raw message chunks, get wire chunks; ``finish`` ends the reply."""
+
+    __slots__ = ("at_line_start", "carry_cr")
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self.carry_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.carry_cr:
+            chunk = b"\r" + chunk
+            self.carry_cr = False
+        if chunk.endswith(b"\r"):
+            # Its LF may start the next chunk: decide CR vs CRLF then.
+            chunk = chunk[:-1]
+            self.carry_cr = True
+        if not chunk:
+            return b""
+        # Bare LF -> CRLF exactly once; a CRLF stays one CRLF, a bare CR stays as it is.
+        data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if self.at_line_start and data.startswith(b"."):
+            data = b"." + data
+        self.at_line_start = data.endswith(b"\n")
+        return data
+
+    def finish(self) -> bytes:
+        """The rest of the reply: a held CR, a CRLF if the last line had none, and ".CRLF"."""
+        tail = b""
+        if self.carry_cr:
+            tail = b"\r"
+            self.carry_cr = False
+            self.at_line_start = False
+        if not self.at_line_start:
+            tail += b"\r\n"
+        self.at_line_start = True
+        return tail + TERMINATOR
+
+
+def stuff_whole(data: bytes) -> bytes:
+    """A complete multi-line reply body for ``data`` (used by tests and short replies)."""
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.finish()
