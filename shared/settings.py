@@ -115,8 +115,9 @@ _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
 
 SETTINGS: tuple[Setting, ...] = (
     # The IUPOP3 1.8 command line.
-    Setting("port", "int", 110, "TCP port for POP3 (IUPOP3: 'a port other than 110, for testing')",
-            minimum=1, maximum=65535),
+    Setting("port", "int", 110,
+            "TCP port for POP3; 0 picks a free port and logs it (for tests)",
+            minimum=0, maximum=65535),
     Setting("xtnd", "path", "", "authorization file for the privileged XTND commands"),
     Setting("loglevel", "choice", "THREAD", "initial logging level: ERROR, INFO, THREAD or DEBUG",
             choices=LOG_LEVELS),

@@ -15,7 +15,7 @@ from shared.logsetup import THREAD, log
 from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
-from worker.pop3 import MAX_LINE, Session
+from worker.pop3 import MAX_LINE, ConnectionLost, Session
 
 _READ_SIZE = 4096
 
@@ -40,11 +40,16 @@ class Connection:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        sent = self.sock.send(data)
-        if sent < len(data):
-            # The client is not reading as fast as we write: IUPOP3's "Blocked Socket Count".
-            self.ctx.count(Counter.BLOCKED)
-            self.sock.sendall(data[sent:])
+        try:
+            sent = self.sock.send(data)
+            if sent < len(data):
+                # The client does not read as fast as we write: IUPOP3's "Blocked Socket Count".
+                self.ctx.count(Counter.BLOCKED)
+                self.sock.sendall(data[sent:])
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ConnectionLost(exc.strerror or str(exc)) from None
 
     def serve(self) -> None:
         ctx, session = self.ctx, self.session
@@ -57,15 +62,15 @@ class Connection:
             self._read_loop()
             if session.closing:
                 outcome = Counter.NORMAL
-        except socket.timeout:
+        except TimeoutError:
             outcome = Counter.TIMEOUTS
             session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
             self._try_send(R.TIMEOUT.format(seconds=ctx.settings.timeout))
         except GreenletExit:
             session.log.info("session closed by shutdown; nothing applied")
             self._try_send(R.SHUTTING_DOWN)
-        except OSError as exc:
-            session.log.log(THREAD, "connection lost: %s", exc.strerror or exc)
+        except (ConnectionLost, OSError) as exc:
+            session.log.log(THREAD, "connection lost: %s", exc)
         except Exception:
             log.exception("unexpected error in session")
         finally:

@@ -55,6 +55,7 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
         ticker = gevent.spawn(self.tick)
         receiver = gevent.spawn(self.receive)
+        log.info("worker %d ready, pid %d", self.slot, os.getpid())
         self.drain_started.wait()
         self.finish_sessions()
         receiver.kill()

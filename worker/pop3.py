@@ -25,6 +25,10 @@ _CHUNK = 64 * 1024
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._@+-]{0,63}")
 
 
+class ConnectionLost(Exception):
+    """The client's side of the connection is gone (raised by the transport's write)."""
+
+
 class State(Enum):
     AUTHORIZATION = "AUTHORIZATION"
     TRANSACTION = "TRANSACTION"
@@ -84,6 +88,8 @@ class Session:
             return
         try:
             method(rest)
+        except (ConnectionLost, TimeoutError):
+            raise  # the transport's trouble, handled by the connection
         except Exception:
             # Exception text never reaches the wire; the log gets the traceback.
             self.log.exception("error in %s", verb)

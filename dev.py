@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Set up and run iupop3 from a checkout with nothing but python3.
+
+    python3 dev.py run [iupop3 options]   set up, then serve the embedded demo on port 1110
+    python3 dev.py test [pytest options]  set up (test extras, curl, fetchmail), run the suite
+    python3 dev.py docs                   regenerate etc/iupop3.toml and the README settings table
+    python3 dev.py bench [options]        run the benchmarks in bench/ (see bench/README.md)
+
+The virtual environment lives in .venv inside the checkout and is refreshed when pyproject.toml
+changes. On Debian, a missing python3-venv (and the test tools) are installed with apt-get when
+running as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail"}
+
+
+def say(text: str) -> None:
+    print(f"dev.py: {text}", flush=True)
+
+
+def apt_install(packages: list[str]) -> bool:
+    if not packages:
+        return True
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        say(f"please install {' '.join(packages)} (apt-get install {' '.join(packages)})")
+        return False
+    say(f"installing Debian packages: {' '.join(packages)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+    return subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env).returncode == 0
+
+
+def ensure_venv(extras: str = "") -> None:
+    if not PY.exists():
+        say("creating .venv")
+        if subprocess.run([sys.executable, "-m", "venv", str(VENV)]).returncode != 0:
+            shutil.rmtree(VENV, ignore_errors=True)
+            version = f"python3.{sys.version_info.minor}-venv"
+            if not apt_install([version]) and not apt_install(["python3-venv"]):
+                sys.exit("dev.py: cannot create a virtual environment")
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    stamp = VENV / f".installed{extras}"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    say("installing iupop3 and its dependencies into .venv")
+    target = f".[{extras}]" if extras else "."
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True,
+                   cwd=ROOT)
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", target], check=True, cwd=ROOT)
+    stamp.write_text(want)
+
+
+def run(args: list[str]) -> int:
+    ensure_venv()
+    os.execv(str(PY), [str(PY), "-m", "supervisor", "-demo", *args])
+
+
+def test(args: list[str]) -> int:
+    ensure_venv("test")
+    missing = [pkg for tool, pkg in TEST_DEBIAN_PACKAGES.items() if not shutil.which(tool)]
+    apt_install(missing)
+    return subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
+
+
+def docs(args: list[str]) -> int:
+    ensure_venv()
+    code = (
+        "from shared import settings as S\n"
+        "open('etc/iupop3.toml', 'w').write(S.example_toml())\n"
+        "text = open('README.md').read()\n"
+        "a, b = '<!-- SETTINGS -->\\n', '<!-- /SETTINGS -->'\n"
+        "head, rest = text.split(a, 1)\n"
+        "_, tail = rest.split(b, 1)\n"
+        "open('README.md', 'w').write(head + a + S.markdown_table() + '\\n' + b + tail)\n"
+    )
+    return subprocess.run([str(PY), "-c", code], cwd=ROOT).returncode
+
+
+def bench(args: list[str]) -> int:
+    ensure_venv("test")
+    return subprocess.run([str(PY), str(ROOT / "bench" / "run.py"), *args], cwd=ROOT).returncode
+
+
+COMMANDS = {"run": run, "test": test, "docs": docs, "bench": bench}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__.strip())
+        return 2
+    return COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
