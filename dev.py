@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
-TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail"}
+TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl"}
 
 
 def say(text: str) -> None:

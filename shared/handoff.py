@@ -20,9 +20,14 @@ VERSION = 1
 _FD_ROOM = 4  # room for surplus descriptors, which are closed, so none leaks
 
 
+# The argument of a CONNECTION frame: which kind of listener accepted it.
+PLAIN = 0
+IMPLICIT_TLS = 1
+
+
 class Kind(IntEnum):
     # supervisor -> worker
-    CONNECTION = 1   # carries the accepted client socket; argument unused
+    CONNECTION = 1   # carries the accepted client socket; argument = PLAIN or IMPLICIT_TLS
     DRAIN = 2        # stop taking work, finish sessions; argument = deadline seconds, 0 = none
     LOGLEVEL = 3     # argument = index into LOG_LEVELS
     RELOAD = 4       # re-read the XTND authorization file
@@ -30,6 +35,7 @@ class Kind(IntEnum):
     # worker -> supervisor
     SHUTDOWN = 10    # an authorized XTND SHUTDOWN
     SET_LOGLEVEL = 11  # an authorized XTND LOGLEVEL; argument = level index
+    CLOSED = 12      # a session ended; argument = shared.keytable.digest of its address
 
 
 class HandoffError(Exception):

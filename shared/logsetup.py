@@ -1,9 +1,11 @@
-"""Logging for every process: the four IUPOP3 levels and one line format.
+"""Logging for every process: the four IUPOP3 levels, one line format, the log file.
 
-ERROR, INFO, THREAD (the default: client address, user, the client's half of the conversation,
-X-POP3-IDs) and DEBUG. Each line carries time, level, process role and session id, so one session
-can be followed with grep across workers. A log file is written through a buffer that reaches the
-disk within ``FLUSH_SECONDS`` (ERROR lines at once), as IUPOP3 1.8 flushed every 3 minutes.
+ERROR (errors only), INFO (also startup, shutdown and level changes), THREAD (the default: also
+client address, user name, the client's half of the conversation, X-POP3-IDs) and DEBUG (also
+the server's replies and per-frame details). Each line carries time, level, process role and
+session id, so one session can be followed with grep across workers. A log file is written
+through a buffer that reaches the disk within ``flush_seconds`` (ERROR lines at once), as
+IUPOP3 1.8 flushed every 3 minutes. The supervisor rotates it (supervisor/rotation.py).
 """
 
 from __future__ import annotations
@@ -18,47 +20,99 @@ logging.addLevelName(THREAD, "THREAD")
 LEVELS = {"ERROR": logging.ERROR, "INFO": logging.INFO, "THREAD": THREAD, "DEBUG": logging.DEBUG}
 LEVEL_NAMES = tuple(LEVELS)  # index order matches shared.settings.LOG_LEVELS
 FLUSH_SECONDS = 180
+BUFFER_BYTES = 64 * 1024
+MASK = "********"
+
+# Test hook, not a feature: seconds added to the wall clock that stamps log lines and decides
+# when the day ends, so a test can watch a midnight rotation without waiting for midnight.
+CLOCK_OFFSET_ENV = "IUPOP3_TEST_CLOCK_OFFSET"
+_CLOCK_OFFSET = float(os.environ.get(CLOCK_OFFSET_ENV) or 0)
 
 log = logging.getLogger("iupop3")
 
 
+def clock() -> float:
+    """The wall clock of the log: ``time.time()`` (shifted only by the test hook)."""
+    return time.time() + _CLOCK_OFFSET
+
+
+# Verbs whose arguments carry secrets, and how many leading words of the arguments stay visible
+# (APOP keeps the user name, AUTH the mechanism; RFC 1939 section 7, RFC 5034 section 4).
+_SECRET_VERBS = {"PASS": 0, "APOP": 1, "AUTH": 1}
+
+
+def masked_command(verb: str, rest: bytes | str, sasl_response: bool = False,
+                   limit: int = 100) -> str:
+    """The text a log may show for one client command line: never a password.
+
+    ``sasl_response`` marks a line that answers an AUTH challenge: all of it is secret.
+    """
+    if sasl_response:
+        return MASK
+    text = rest.decode("utf-8", "backslashreplace") if isinstance(rest, bytes) else rest
+    keep = _SECRET_VERBS.get(verb.upper())
+    if keep is not None:
+        words = text.split()
+        shown = words[:keep]
+        if len(words) > keep:
+            shown.append(MASK)
+        text = " ".join(shown)
+    return f"{verb} {text[:limit]}".rstrip()
+
+
 class LineFormatter(logging.Formatter):
+    """``2026-11-26 11:04:22.123 THREAD worker-1 w1.7 USER alice``; tracebacks keep the prefix."""
+
     def __init__(self, role: str):
         super().__init__()
         self.role = role
 
     def format(self, record: logging.LogRecord) -> str:
-        t = time.localtime(record.created)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", t) + f".{int(record.msecs):03d}"
-        session = getattr(record, "session", "-")
+        created = record.created + _CLOCK_OFFSET
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+        prefix = (f"{stamp}.{int(created * 1000) % 1000:03d} {record.levelname:<6} "
+                  f"{self.role} {getattr(record, 'session', '-')}")
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return f"{stamp} {record.levelname:<6} {self.role} {session} {text}"
+        # Every physical line gets the prefix, so grep by session id finds the traceback too.
+        return "\n".join(f"{prefix} {line}" for line in text.splitlines() or [""])
 
 
 class LogFileHandler(logging.Handler):
-    """Appends to a file opened O_APPEND, readable while written; reopened after rotation."""
+    """Appends whole lines to a file opened O_APPEND, readable while written.
 
-    def __init__(self, path: str):
+    Each process keeps its own buffer and writes it with one ``write`` of whole lines, so lines
+    of several processes never interleave inside a line. Reopened after rotation.
+    """
+
+    def __init__(self, path: str, flush_seconds: float = FLUSH_SECONDS):
         super().__init__()
         self.path = path
-        self.stream = None
+        self.flush_seconds = flush_seconds
+        self.fd = -1
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.last_flush = time.monotonic()
         self.reopen()
 
     def reopen(self) -> None:
-        old = self.stream
+        """Write what is pending to the old file, then continue in a file opened anew."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self.stream = os.fdopen(fd, "a", buffering=64 * 1024, encoding="utf-8",
-                                errors="backslashreplace")
-        if old is not None:
-            old.close()
+        with self.lock:
+            self.flush()
+            old, self.fd = self.fd, fd
+        if old >= 0:
+            os.close(old)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + "\n")
-            if record.levelno >= logging.ERROR:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            if self.pending_bytes + len(data) > BUFFER_BYTES:
+                self.flush()
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if record.levelno >= logging.ERROR or not self.flush_seconds:
                 self.flush()
             else:
                 self.flush_if_due()
@@ -66,19 +120,29 @@ class LogFileHandler(logging.Handler):
             self.handleError(record)
 
     def flush_if_due(self) -> None:
-        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
-            self.flush()
+        """Called from the loops at least every second: the flush interval is kept when idle."""
+        if self.pending and time.monotonic() - self.last_flush >= self.flush_seconds:
+            with self.lock:
+                self.flush()
 
     def flush(self) -> None:
-        if self.stream is not None:
-            self.stream.flush()
         self.last_flush = time.monotonic()
+        if not self.pending or self.fd < 0:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending.clear()
+        self.pending_bytes = 0
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-        super().close()
+        try:
+            self.flush()
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            super().close()
 
 
 class StdoutHandler(logging.StreamHandler):
@@ -94,9 +158,11 @@ class StdoutHandler(logging.StreamHandler):
         pass
 
 
-def configure(role: str, level: str, logfile: str = "") -> logging.Handler:
+def configure(role: str, level: str, logfile: str = "",
+              flush_seconds: float = FLUSH_SECONDS) -> logging.Handler:
     """Set up the iupop3 logger of this process; returns its handler."""
-    handler: logging.Handler = LogFileHandler(logfile) if logfile else StdoutHandler()
+    handler: logging.Handler = (LogFileHandler(logfile, flush_seconds) if logfile
+                                else StdoutHandler())
     handler.setFormatter(LineFormatter(role))
     for old in list(log.handlers):
         log.removeHandler(old)

@@ -7,3 +7,4 @@ line belongs to. The wording follows RFC 2449's [SYS/TEMP] code.
 TOO_MANY_SESSIONS = b"-ERR [SYS/TEMP] too many sessions, try again later\r\n"
 SHUTTING_DOWN = b"-ERR [SYS/TEMP] server is shutting down, try again later\r\n"
 NO_WORKER = b"-ERR [SYS/TEMP] no worker can take the session now, try again later\r\n"
+TOO_MANY_FROM_ADDRESS = b"-ERR [SYS/TEMP] too many sessions from your address, try again later\r\n"

@@ -116,12 +116,15 @@ _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
 SETTINGS: tuple[Setting, ...] = (
     # The IUPOP3 1.8 command line.
     Setting("port", "int", 110,
-            "TCP port for POP3; 0 picks a free port and logs it (for tests)",
+            "TCP port for POP3; 0 gives every listener a free port, logged (for tests)",
             minimum=0, maximum=65535),
     Setting("xtnd", "path", "", "authorization file for the privileged XTND commands"),
     Setting("loglevel", "choice", "THREAD", "initial logging level: ERROR, INFO, THREAD or DEBUG",
             choices=LOG_LEVELS),
     Setting("logfile", "path", "", "log to this file (new file each midnight) instead of stdout"),
+    Setting("log_flush", "int", 180,
+            "seconds a line may wait in the log file's buffer (ERROR lines never wait); 0 = none",
+            minimum=0, maximum=3600),
     Setting("maxmsg", "int", 20, "most messages a session may discover, oldest first; 0 = no limit",
             minimum=0),
     Setting("purge_reclaim", "bool", False,
@@ -129,7 +132,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("login_attempts", "int", 2,
             "failed logins a connection may make before the server closes it", minimum=1),
     Setting("wastebasket", "str", ".Trash",
-            "Maildir++ folder that deleted mail is moved to (unless -purge_reclaim)"),
+            "Maildir++ folder that deleted mail is moved to (unless -purge_reclaim); for mbox,"
+            " the suffix of the sibling file (/var/mail/jones.Trash)"),
     # Today's additions.
     Setting("listen", "list", ("0.0.0.0", "::"),
             "address to listen on (repeat the flag for several)"),
@@ -144,15 +148,53 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=0),
     Setting("users", "path", "", "users file in Dovecot's passwd-file format"),
     Setting("mail", "str", "maildir:~/Maildir",
-            "where mail lives: maildir:PATH; %u is the user name, ~ the user's home"),
+            "where mail lives: maildir:PATH, or mbox:PATH for a Unix spool file"
+            " (mbox:/var/mail/%u); %u is the user name, ~ the user's home"),
     Setting("hostname", "str", "", "host name in the greeting and X-POP3-Server (default: this host's)"),
+    Setting("personal_name", "bool", False,
+            "IUPOP3's PERSONAL_NAME: a patched VMS From: keeps the sender's personal name"),
+    Setting("ignore_mail11_headers", "bool", False,
+            "IUPOP3's IGNORE_MAIL11_HEADERS: serve From: untouched (no VMS address patching)"),
+    Setting("tls_cert", "path", "",
+            "TLS certificate chain (PEM); enables STLS and the implicit-TLS port",
+            flag="tls-cert"),
+    Setting("tls_key", "path", "", "TLS private key (PEM); default: in the -tls-cert file",
+            flag="tls-key"),
+    Setting("tls_port", "int", 995,
+            "port for implicit TLS (RFC 8314) when -tls-cert is set; 0 = none",
+            minimum=0, maximum=65535, flag="tls-port"),
+    Setting("cleartext_auth", "choice", "LOOPBACK",
+            "USER/PASS without TLS: LOOPBACK (only from this host), ALWAYS or NEVER",
+            choices=("LOOPBACK", "ALWAYS", "NEVER"), flag="cleartext-auth"),
+    Setting("daemon", "bool", False,
+            "detach into the background (needs -logfile); returns once the server listens"),
+    Setting("pidfile", "path", "",
+            "write the supervisor's pid here; refuse to start while it names a running server"),
+    Setting("user", "str", "",
+            "after binding the ports as root, run the supervisor and all workers as this user"),
+    Setting("group", "str", "", "group to run as with -user (default: that user's own group)"),
+    Setting("max_per_address", "int", 50,
+            "sessions one client address may hold at once; 0 = no limit", minimum=0,
+            flag="max-per-address"),
+    Setting("auth_delay", "int", 1,
+            "seconds a failed login waits before its reply, doubling with each failure "
+            "from the address or for the user", minimum=0, flag="auth-delay"),
+    Setting("auth_delay_max", "int", 15, "the longest failed-login delay, in seconds",
+            minimum=0, flag="auth-delay-max"),
+    Setting("auth_block", "int", 20,
+            "failed logins from one address within -auth-window before its logins are "
+            "refused for the rest of the window; 0 = never", minimum=0, flag="auth-block"),
+    Setting("auth_window", "int", 900,
+            "seconds a failed login is remembered (from the last failure)", minimum=1,
+            flag="auth-window"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
-BY_FLAG = {(s.flag or s.name).lower(): s for s in SETTINGS}
+# "-tls-port" and "-tls_port" are one option: dashes and underscores are the same letter here.
+BY_FLAG = {(s.flag or s.name).lower().replace("-", "_"): s for s in SETTINGS}
 
 Settings = dataclasses.make_dataclass(
     "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS],
@@ -169,6 +211,7 @@ def _with_demo_defaults(values: dict[str, Any], explicit: set[str]) -> None:
         values["port"] = 1110
     if "listen" not in explicit:
         values["listen"] = ("127.0.0.1", "::1")
+    values["state"] = os.path.abspath(values["state"])  # -daemon runs in /
     users, mail = demo.ensure_state(values["state"])
     if "users" not in explicit:
         values["users"] = users
@@ -206,7 +249,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[dict[str, Any], str | None,
         i += 1
         if not arg.startswith("-") or arg in ("-", "--"):
             raise SettingsError(f"unexpected argument {arg!r} (options start with one dash)")
-        name = arg[1:].lower()
+        name = arg[1:].lower().replace("-", "_")
         if name in ("help", "h", "?"):
             want_help = True
             continue

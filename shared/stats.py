@@ -7,6 +7,7 @@ the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte word
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
     word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers)
     after the slots        USERS_PER_SLOT names of 32 bytes per worker slot (Current Users)
+    after the names        per slot, one shared.keytable of each ``Table`` kind
 
 Aligned 8-byte stores are single instructions on the platforms we run on, so a reader never sees
 a torn counter; a sum read while sessions run may be a moment stale, never wrong for long.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import mmap
 import os
 from enum import IntEnum
+
+from shared.keytable import ENTRY_WORDS, KeyTable
 
 MAGIC = 0x33504F5055  # "UPOP3"
 VERSION = 1
@@ -32,6 +35,16 @@ class Header(IntEnum):
     NSLOTS = 2
     START_TIME = 3
     LOGLEVEL = 4  # index into shared.settings.LOG_LEVELS
+
+
+class Table(IntEnum):
+    """Per-process key tables (shared/keytable.py)."""
+
+    ADDRESS_FAILURES = 0  # failed logins per client address
+    USER_FAILURES = 1     # failed logins per user name
+
+
+TABLE_CAPACITY = 4096
 
 
 class Counter(IntEnum):
@@ -54,6 +67,8 @@ class Counter(IntEnum):
     REFUSED = 14         # Too Many Threads (supervisor slot)
     MAX_CONCURRENT = 15  # Max Threads (supervisor slot: it sees every handoff)
     CPU_EXITED_US = 16   # CPU microseconds of reaped workers (supervisor slot)
+    ADDRESS_REFUSED = 17  # connections refused for -max-per-address (supervisor slot)
+    ADDRESS_BLOCKED = 18  # logins refused for -auth-block
 
 
 _MIN_COUNTERS = {Counter.RETR_MIN}
@@ -62,7 +77,8 @@ _MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Co
 
 def area_size(nslots: int) -> int:
     words = HEADER_WORDS + nslots * SLOT_WORDS
-    return words * 8 + nslots * USERS_PER_SLOT * NAME_BYTES
+    return (words * 8 + nslots * USERS_PER_SLOT * NAME_BYTES
+            + nslots * len(Table) * TABLE_CAPACITY * ENTRY_WORDS * 8)
 
 
 class StatsArea:
@@ -157,6 +173,17 @@ class StatsArea:
                 if raw[0]:
                     names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
         return names
+
+    # Key tables: connections and failed logins per address or user, one writer per slot.
+    def table(self, slot: int, which: Table) -> KeyTable:
+        base = (HEADER_WORDS + self.nslots * SLOT_WORDS) + (
+            self.nslots * USERS_PER_SLOT * NAME_BYTES) // 8
+        size = TABLE_CAPACITY * ENTRY_WORDS
+        start = base + (slot * len(Table) + which) * size
+        return KeyTable(self.words[start: start + size], TABLE_CAPACITY)
+
+    def tables(self, which: Table) -> list[KeyTable]:
+        return [self.table(slot, which) for slot in range(self.nslots)]
 
     def close(self) -> None:
         self.words.release()

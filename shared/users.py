@@ -1,15 +1,22 @@
 """The users file: Dovecot's passwd-file format, read into an immutable table.
 
 ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra`` one account a line, ``#`` comments. The
-extra field holds space-separated words; ``disuser``, ``dismail`` and ``pwd_expired`` are the
-account flags of IUPOP3's SYSUAF (a user with any of them cannot log in).
+extra field holds space-separated words. The counterparts of SYSUAF's flags, which IUPOP3 1.8
+checked, live there: ``disuser``, ``dismail``, ``pwd_expired``, ``pwd2_expired``, plus Dovecot's
+own ``nologin`` and an ``expire=YYYY-MM-DD`` date; ``Account.accessible`` is the one check.
+Read by the supervisor (to fail fast) and by each worker.
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 from dataclasses import dataclass, field
 
-ACCOUNT_FLAGS = frozenset({"disuser", "dismail", "pwd_expired", "pwd2_expired"})
+from shared import passwords
+
+ACCOUNT_FLAGS = frozenset({"disuser", "dismail", "pwd_expired", "pwd2_expired", "nologin"})
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
 class UsersFileError(ValueError):
@@ -27,32 +34,83 @@ class Account:
     shell: str = ""
     flags: frozenset[str] = field(default_factory=frozenset)
     extra: tuple[str, ...] = ()
+    expires: datetime.date | None = None  # inaccessible from this (local) date on
+
+    def accessible_on(self, day: datetime.date) -> bool:
+        """Whether the account may log in on ``day``: no flag set and not yet expired."""
+        return not (self.flags & ACCOUNT_FLAGS) and (self.expires is None or day < self.expires)
 
     @property
     def accessible(self) -> bool:
-        return not (self.flags & ACCOUNT_FLAGS)
+        return self.accessible_on(datetime.date.today())
 
 
-def parse_users(text: str, path: str = "users file") -> dict[str, Account]:
-    accounts: dict[str, Account] = {}
+class Users(dict[str, Account]):
+    """The parsed table by lower-case name; ``dummy`` is the hash unknown names are checked against.
+
+    ``dummy`` costs what the site's most common (scheme, cost) costs, so a wrong name takes as
+    long to refuse as a wrong password (worker/context.py).
+    """
+
+    dummy: str = passwords.DUMMY
+
+
+def _parse_extra(words: tuple[str, ...], where: str) -> tuple[frozenset[str], datetime.date | None]:
+    flags: set[str] = set()
+    expires: datetime.date | None = None
+    for word in words:
+        lower = word.lower()
+        if lower in ACCOUNT_FLAGS:
+            flags.add(lower)
+            continue
+        key, eq, value = lower.partition("=")
+        if key != "expire" or not eq:
+            continue  # other Dovecot extra fields (userdb_*, reason=...) are kept, not used
+        if expires is not None:
+            raise UsersFileError(f"{where}: expire= given twice")
+        try:
+            if not _DATE.match(value):
+                raise ValueError(value)
+            expires = datetime.date.fromisoformat(value)
+        except ValueError:
+            raise UsersFileError(f"{where}: expire={value!r} is not a date YYYY-MM-DD") from None
+    return frozenset(flags), expires
+
+
+def parse_line(line: str, where: str) -> Account:
+    """One non-comment line; ``where`` ("FILE line N") starts every error message."""
+    fields = line.split(":", 7)
+    if len(fields) < 2 or not fields[0].strip():
+        raise UsersFileError(f"{where}: expected user:password[:uid:gid:gecos:home:shell:extra]")
+    fields += [""] * (8 - len(fields))
+    name = fields[0].strip().lower()
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise UsersFileError(f"{where}: user name {name!r} contains a space or control character")
+    password = fields[1]
+    if password and not passwords.known_scheme(password):
+        scheme = passwords.split_scheme(password)[0]
+        raise UsersFileError(f"{where}: unknown password scheme {{{scheme}}} for user {name!r}")
+    words = tuple(fields[7].split())
+    flags, expires = _parse_extra(words, where)
+    return Account(name, password, fields[2], fields[3], fields[4], fields[5], fields[6],
+                   flags, words, expires)
+
+
+def parse_users(text: str, path: str = "users file") -> Users:
+    """The table for a whole file; UsersFileError names the first bad line."""
+    accounts = Users()
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = line.split(":", 7)
-        if len(fields) < 2 or not fields[0]:
-            raise UsersFileError(f"{path} line {number}: expected user:password[:...]")
-        fields += [""] * (8 - len(fields))
-        name = fields[0].strip().lower()
-        if name in accounts:
-            raise UsersFileError(f"{path} line {number}: user {name!r} appears twice")
-        words = tuple(fields[7].split())
-        flags = frozenset(w.lower() for w in words if w.lower() in ACCOUNT_FLAGS)
-        accounts[name] = Account(name, fields[1], fields[2], fields[3], fields[4], fields[5],
-                                 fields[6], flags, words)
+        account = parse_line(line, f"{path} line {number}")
+        if account.name in accounts:
+            raise UsersFileError(f"{path} line {number}: user {account.name!r} appears twice")
+        accounts[account.name] = account
+    accounts.dummy = passwords.site_dummy(a.password for a in accounts.values())
     return accounts
 
 
-def load_users(path: str) -> dict[str, Account]:
+def load_users(path: str) -> Users:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

@@ -14,17 +14,19 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
 
 from setproctitle import setproctitle
 
-from shared import handoff, logsetup, refusal
+from shared import handoff, keytable, logsetup, refusal
 from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
-from supervisor import listeners
+from supervisor import daemon, listeners
+from supervisor.rotation import MidnightRotation
 
 SUPERVISOR_SLOT = 0
 ACCEPT_BATCH = 64
@@ -54,14 +56,19 @@ class WorkerProcess:
     sent: int = 0          # connections handed to this process
     quick_deaths: int = 0
     respawn_at: float = 0.0
+    addresses: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Supervisor:
-    def __init__(self, settings):
+    def __init__(self, settings, on_ready: Callable[[str], None] | None = None):
         self.settings = settings
+        self.on_ready = on_ready  # told "listening on ..." once the ports are bound
+        self.rotation: MidnightRotation | None = None
         self.nworkers = settings.workers or os.cpu_count() or 1
         self.workers = [WorkerProcess(slot) for slot in range(1, self.nworkers + 1)]
         self.sockets: list[socket.socket] = []
+        self.per_address: dict[int, int] = {}  # sessions handed out per client address key
+        self.tls_sockets: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
         self.signals: collections.deque[int] = collections.deque()
         self.stats: StatsArea | None = None
@@ -72,22 +79,84 @@ class Supervisor:
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
-        self.handler = logsetup.configure("supervisor", self.settings.loglevel,
-                                          self.settings.logfile)
+        try:
+            self.handler = logsetup.configure("supervisor", self.settings.loglevel,
+                                              self.settings.logfile, self.settings.log_flush)
+        except OSError as exc:
+            raise daemon.DaemonError(
+                f"cannot open the log file {self.settings.logfile}: {exc.strerror}") from None
+        if self.settings.logfile:
+            self.rotation = MidnightRotation(self.settings.logfile)
+            left = self.rotation.left_from_before()
+            if left is not None:
+                self.rotate_log(left)  # a file of an earlier day (stopped overnight)
         self.sockets = listeners.bind_all(self.settings.listen, self.settings.port)
+        if self.settings.tls_cert and self.settings.tls_port:
+            # With -port 0 (tests) every listener takes a free port; each is logged.
+            tls_port = self.settings.tls_port if self.settings.port else 0
+            self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
+        self.drop_privileges()  # after binding (port 110 wants root), before any worker
         self.stats = StatsArea.create(self.nworkers + 1, int(time.time()))
         self.stats.set(SUPERVISOR_SLOT, Counter.PID, os.getpid())
         self.stats.set_header(Header.LOGLEVEL,
                               logsetup.LEVEL_NAMES.index(self.settings.loglevel))
         for sock in self.sockets:
-            self.selector.register(sock, selectors.EVENT_READ, "listener")
+            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.PLAIN))
+        for sock in self.tls_sockets:
+            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.IMPLICIT_TLS))
         self._install_signals()
         for worker in self.workers:
             self.spawn_worker(worker)
         where = ", ".join(listeners.describe(s) for s in self.sockets)
         log.info("iupop3 supervisor %d listening on %s with %d workers", os.getpid(), where,
                  self.nworkers)
+        if self.tls_sockets:
+            log.info("implicit TLS listening on %s",
+                     ", ".join(listeners.describe(s) for s in self.tls_sockets))
         self.update_title()
+        if self.on_ready is not None:
+            self.on_ready(f"pid {os.getpid()} listening on {where}")
+
+    def drop_privileges(self) -> None:
+        """With -user, become that user for good and check it can reach what it needs."""
+        settings = self.settings
+        if not settings.user:
+            if os.geteuid() == 0:
+                log.info("warning: running as root; -user NAME would drop root after binding")
+            return
+        identity = daemon.identity_for(settings.user, settings.group)
+        daemon.drop_privileges(identity, own=[settings.logfile])
+        log.info("running as user %s (uid %d, gid %d)", identity.user,
+                 identity.uid, identity.gid)
+        log_dir = os.path.dirname(settings.logfile)
+        missing = daemon.unreachable([
+            (sys.executable, os.X_OK, "cannot run the worker interpreter"),
+            (os.path.dirname(os.__file__), os.R_OK | os.X_OK, "cannot read the standard library"),
+            (PROJECT_ROOT, os.R_OK | os.X_OK, "cannot read the server's code in"),
+            (settings.users, os.R_OK, "cannot read the users file"),
+            (settings.xtnd, os.R_OK, "cannot read the XTND file"),
+            (getattr(settings, "tls_cert", ""), os.R_OK, "cannot read the TLS certificate"),
+            (getattr(settings, "tls_key", ""), os.R_OK, "cannot read the TLS key"),
+            (settings.logfile, os.W_OK, "cannot write the log file"),
+            (log_dir, os.W_OK | os.X_OK, "cannot rotate the log in (it must be writable)"),
+        ])
+        if missing:
+            raise daemon.DaemonError(f"as user {identity.user}: " + "; ".join(missing))
+
+    def rotate_log(self, day=None) -> None:
+        """Midnight: the current file gets the day's name, every process continues in a new one."""
+        assert self.rotation is not None and self.handler is not None
+        log.info("a new day: the log continues in a new %s", self.rotation.path)
+        self.handler.flush()
+        try:
+            old = self.rotation.rotate(day)
+        except OSError as exc:
+            log.error("cannot rotate the log file %s: %s; writing on in it",
+                      self.rotation.path, exc.strerror or exc)
+            return
+        self.handler.reopen()
+        self.broadcast(Kind.REOPEN_LOG)
+        log.info("new log file; the lines before are in %s", old)
 
     def _install_signals(self) -> None:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -106,8 +175,8 @@ class Supervisor:
         self.start()
         while True:
             for key, _ in self.selector.select(LOOP_SECONDS):
-                if key.data == "listener":
-                    self.accept_connections(key.fileobj)
+                if isinstance(key.data, tuple):
+                    self.accept_connections(key.fileobj, key.data[1])
                 elif key.data == "wakeup":
                     self._drain_wakeup()
                 else:
@@ -120,6 +189,8 @@ class Supervisor:
                 self.murder_stragglers()
             else:
                 self.manage_workers()
+            if self.rotation is not None and self.rotation.due():
+                self.rotate_log()
             if self.handler is not None:
                 self.handler.flush_if_due()
         self.close()
@@ -151,7 +222,7 @@ class Supervisor:
                 self.broadcast(Kind.RELOAD)
 
     # -- connections ------------------------------------------------------------------------
-    def accept_connections(self, listener: socket.socket) -> None:
+    def accept_connections(self, listener: socket.socket, kind: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = listener.accept()
@@ -162,14 +233,22 @@ class Supervisor:
                 log.error("accept failed: %s", exc.strerror)
                 return
             try:
-                self.hand_off(conn)
+                self.hand_off(conn, kind)
             finally:
                 conn.close()  # the worker has its own copy now, or the client was refused
 
-    def hand_off(self, conn: socket.socket) -> None:
+    def hand_off(self, conn: socket.socket, kind: int = handoff.PLAIN) -> None:
+        """Send ``conn`` to the least-loaded worker; ``kind`` tags the listener it came from."""
         if self.stopping:
             self.refuse(conn, refusal.SHUTTING_DOWN)
             return
+        address_key = None
+        if self.settings.max_per_address:
+            address_key = _address_key(conn)
+            if self.per_address.get(address_key, 0) >= self.settings.max_per_address:
+                self.stats.add(SUPERVISOR_SLOT, Counter.ADDRESS_REFUSED)
+                self.refuse(conn, refusal.TOO_MANY_FROM_ADDRESS)
+                return
         load = {w.slot: self.worker_load(w) for w in self.workers
                 if w.state in (WorkerState.STARTING, WorkerState.RUNNING)}
         if sum(load.values()) >= self.settings.maxclients:
@@ -182,12 +261,15 @@ class Supervisor:
         for slot in order:
             worker = self.workers[slot - 1]
             try:
-                handoff.send_frame(worker.channel, Kind.CONNECTION, fd=conn.fileno(),
+                handoff.send_frame(worker.channel, Kind.CONNECTION, kind, fd=conn.fileno(),
                                    flags=socket.MSG_DONTWAIT)
             except (BlockingIOError, OSError) as exc:
                 log.debug("worker %d cannot take a connection: %s", slot, exc)
                 continue
             worker.sent += 1
+            if address_key is not None:
+                self._address_opened(worker, address_key)
+            log.debug("connection fd %d handed to worker %d", conn.fileno(), slot)
             concurrent = sum(load.values()) + 1
             if concurrent > self.stats.get(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT):
                 self.stats.set(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT, concurrent)
@@ -238,25 +320,48 @@ class Supervisor:
         log.info("worker %d started, pid %d", worker.slot, pid)
 
     def read_worker_frames(self, worker: WorkerProcess) -> None:
-        try:
-            frame = handoff.recv_frame(worker.channel)
-        except BlockingIOError:
-            return
-        except (handoff.HandoffError, OSError) as exc:
-            log.error("bad frame from worker %d: %s", worker.slot, exc)
-            frame = None
-        if frame is None:
-            self.selector.unregister(worker.channel)
-            return  # the worker is exiting; reap_workers takes it from here
-        if frame.kind is Kind.SHUTDOWN:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                frame = handoff.recv_frame(worker.channel)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                frame = None  # the worker exited with frames unread: an ordinary end
+            except (handoff.HandoffError, OSError) as exc:
+                log.error("bad frame from worker %d: %s", worker.slot, exc)
+                frame = None
+            if frame is None:
+                self.selector.unregister(worker.channel)
+                return  # the worker is exiting; reap_workers takes it from here
+            self.handle_worker_frame(worker, frame)
+
+    def handle_worker_frame(self, worker: WorkerProcess, frame: handoff.Frame) -> None:
+        if frame.kind is Kind.CLOSED:
+            self._address_closed(worker, frame.argument)
+        elif frame.kind is Kind.SHUTDOWN:
             log.info("XTND SHUTDOWN: waiting for sessions to end")
             self.begin_stop(0)
-        elif frame.kind is Kind.SET_LOGLEVEL:
+        elif frame.kind is Kind.SET_LOGLEVEL and frame.argument < len(logsetup.LEVEL_NAMES):
             level = logsetup.LEVEL_NAMES[frame.argument]
             logsetup.set_level(level)
             self.stats.set_header(Header.LOGLEVEL, frame.argument)
             self.broadcast(Kind.LOGLEVEL, frame.argument)
             log.info("logging level changed to %s", level.lower())
+
+    # -- sessions per client address (-max-per-address) ------------------------------------
+    def _address_opened(self, worker: WorkerProcess, key: int) -> None:
+        self.per_address[key] = self.per_address.get(key, 0) + 1
+        worker.addresses[key] += 1
+
+    def _address_closed(self, worker: WorkerProcess, key: int, count: int = 1) -> None:
+        left = self.per_address.get(key, 0) - count
+        if left > 0:
+            self.per_address[key] = left
+        else:
+            self.per_address.pop(key, None)
+        worker.addresses[key] -= count
+        if worker.addresses[key] <= 0:
+            del worker.addresses[key]
 
     def broadcast(self, kind: Kind, argument: int = 0) -> None:
         for worker in self.workers:
@@ -289,6 +394,8 @@ class Supervisor:
         self.stats.add(slot, Counter.ABNORMAL, lost)
         self.stats.set(slot, Counter.CURRENT, 0)
         self.stats.clear_users(slot)
+        for key, count in list(worker.addresses.items()):
+            self._address_closed(worker, key, count)
         if worker.channel is not None:
             if worker.channel.fileno() in self.selector.get_map():
                 self.selector.unregister(worker.channel)
@@ -360,11 +467,19 @@ class Supervisor:
         self.stop_deadline = time.monotonic() + KILL_MARGIN_SECONDS
 
     def update_title(self) -> None:
-        ports = sorted({s.getsockname()[1] for s in self.sockets})
+        ports = sorted({s.getsockname()[1] for s in self.sockets + self.tls_sockets})
         alive = len(self.alive_workers())
         setproctitle(f"iupop3: supervisor [{','.join(map(str, ports))}] {alive} workers")
 
     def close(self) -> None:
-        for sock in self.sockets:
+        for sock in self.sockets + self.tls_sockets:
             sock.close()
         signal.set_wakeup_fd(-1)
+
+
+def _address_key(conn: socket.socket) -> int:
+    try:
+        address = conn.getpeername()[0]
+    except (OSError, IndexError):
+        address = ""
+    return keytable.digest(address)

@@ -6,7 +6,11 @@ import sys
 
 from shared import settings as settings_mod
 from shared.settings import SettingsError
+from shared.tlsconfig import TlsConfigError, server_context
 from shared.users import UsersFileError, load_users
+from shared.xtndauth import XtndAuthError, load as load_xtnd_auth
+from shared.logsetup import log
+from supervisor import daemon
 from supervisor.arbiter import Supervisor
 from supervisor.listeners import ListenError
 
@@ -18,6 +22,10 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].lower() == "passwd":
+        from shared import pwtool
+
+        return pwtool.main(argv[1:])
     try:
         settings, want_help = settings_mod.resolve(argv)
     except SettingsError as exc:
@@ -25,18 +33,45 @@ def main(argv: list[str] | None = None) -> int:
     if want_help:
         sys.stdout.write(settings_mod.help_text())
         return 0
+    problem = daemon.check_settings(settings)
+    if problem:
+        return _fail(problem)
     try:
         load_users(settings.users)  # fail fast, before any worker starts
-    except UsersFileError as exc:
+        load_xtnd_auth(settings.xtnd)  # workers load it themselves; a typo stops us here
+        if settings.tls_cert:
+            server_context(settings.tls_cert, settings.tls_key)
+    except (UsersFileError, TlsConfigError, XtndAuthError) as exc:
         return _fail(str(exc))
     if settings.demo:
         _print_demo_banner(settings)
+    return serve(settings)
+
+
+def serve(settings) -> int:
+    """Run the supervisor, detached with -daemon; the pid file lives exactly as long as it."""
+    readiness = daemon.detach() if settings.daemon else daemon.Readiness()
+    pidfile = None
     try:
-        return Supervisor(settings).run()
-    except ListenError as exc:
-        return _fail(str(exc))
+        if settings.pidfile:
+            pidfile = daemon.PidFile(settings.pidfile).acquire()
+        return Supervisor(settings, on_ready=readiness.ready).run()
+    except (ListenError, daemon.DaemonError, OSError) as exc:
+        if isinstance(exc, OSError) and readiness.told:
+            raise  # not a start-up failure: keep the traceback
+        message = exc.strerror if isinstance(exc, ListenError) and exc.strerror else str(exc)
+        readiness.failed(message)
+        if log.handlers:
+            log.error("%s", message)
+        return _fail(message)
     except KeyboardInterrupt:
         return 130
+    finally:
+        readiness.close()  # a daemon that dies before it listens: the parent sees EOF
+        if pidfile is not None:
+            problem = pidfile.release()
+            if problem:
+                log.info("%s (the next start takes it over)", problem)
 
 
 def _print_demo_banner(settings) -> None:

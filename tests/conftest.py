@@ -75,8 +75,9 @@ class Server:
         threading.Thread(target=self._drain, daemon=True).start()
         match = self.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
         self.port = int(match.group(1))
-        self.wait_for(r"worker 1 ready")
-        self.wait_for(r"worker 2 ready")
+        workers = int(self.args[self.args.index("-workers") + 1]) if "-workers" in self.args else 2
+        for slot in range(1, workers + 1):
+            self.wait_for(rf"worker {slot} ready")
         return self
 
     def _drain(self) -> None:

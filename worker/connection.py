@@ -7,11 +7,15 @@ connection, the socket closed in one ``finally``.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import ssl
 
 from gevent import GreenletExit
 
-from shared.logsetup import THREAD, log
+from shared import keytable
+from shared.handoff import Kind
+from shared.logsetup import THREAD
 from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
@@ -31,11 +35,49 @@ def peer_name(sock: socket.socket) -> str:
     return str(address) or "local"
 
 
+def peer_address(sock: socket.socket) -> str:
+    """The client's IP address as text ("" for a non-IP socket)."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return ""
+    return address[0] if isinstance(address, tuple) else ""
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 class Connection:
-    def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str):
+    def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str,
+                 implicit_tls: bool = False):
         self.sock = sock
         self.ctx = ctx
-        self.session = Session(ctx, self.write, peer_name(sock), session_id)
+        self.session_id = session_id
+        self.implicit_tls = implicit_tls
+        self.peer = peer_name(sock)
+        self.address = peer_address(sock)
+        self.local = is_loopback(self.address)
+        self.session = self._new_session(secure=False)
+
+    def _new_session(self, secure: bool) -> Session:
+        return Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
+                       tls_available=self.ctx.tls_context is not None, local=self.local,
+                       address=self.address)
+
+    def _start_tls(self) -> None:
+        """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
+        context = self.ctx.tls_context
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        failures = self.session.failures
+        self.session = self._new_session(secure=True)
+        self.session.failures = failures  # STLS must not reset the login-attempt budget
+        self.session.log.log(THREAD, "TLS started: %s %s", self.sock.version(),
+                             self.sock.cipher()[0])
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -58,8 +100,12 @@ class Connection:
         outcome = Counter.ABNORMAL
         try:
             self.sock.settimeout(ctx.settings.timeout)
+            if self.implicit_tls:
+                self._start_tls()
+                session = self.session
             session.start()
             self._read_loop()
+            session = self.session
             if session.closing:
                 outcome = Counter.NORMAL
         except TimeoutError:
@@ -67,16 +113,21 @@ class Connection:
             session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
             self._try_send(R.TIMEOUT.format(seconds=ctx.settings.timeout))
         except GreenletExit:
-            session.log.info("session closed by shutdown; nothing applied")
+            session.log.log(THREAD, "session closed by shutdown; nothing applied")
             self._try_send(R.SHUTTING_DOWN)
+        except ssl.SSLError as exc:
+            self.session.log.log(THREAD, "TLS failed: %s", exc.reason or exc)
         except (ConnectionLost, OSError) as exc:
-            session.log.log(THREAD, "connection lost: %s", exc)
+            self.session.log.log(THREAD, "connection lost: %s", exc)
         except Exception:
-            log.exception("unexpected error in session")
+            self.session.log.exception("unexpected error in session")
         finally:
+            session = self.session
             session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
             ctx.count(outcome)
             ctx.count(Counter.CURRENT, -1)
+            if ctx.settings.max_per_address:
+                ctx.tell_supervisor(Kind.CLOSED, keytable.digest(self.address))
             self.sock.close()
 
     def _read_loop(self) -> None:
@@ -107,6 +158,10 @@ class Connection:
                     session.line_too_long()
                     continue
                 session.handle_line(line)
+                if session.start_tls:
+                    buffer = b""  # pipelined after STLS: thrown away (RFC 2595, CVE-2011-0411)
+                    self._start_tls()
+                    session = self.session
 
     def _try_send(self, line: str) -> None:
         try:

@@ -12,10 +12,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared import passwords
+from shared.handoff import Kind
+from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
+from shared.tlsconfig import TlsConfigError, server_context
 from shared.users import Account
 from shared.version import VERSION
+from shared.xtndauth import NOBODY, XtndAuth
+from worker.authguard import AuthGuard
 from worker.maildir import Maildrop, MaildropError
+from worker.mbox import Mbox
 
 if TYPE_CHECKING:
     from worker.pop3 import Session
@@ -27,7 +33,8 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
 
 class ServerContext:
     def __init__(self, settings: Any, stats: StatsArea, slot: int, users: dict[str, Account],
-                 run_blocking: Callable[..., Any] = _direct):
+                 run_blocking: Callable[..., Any] = _direct,
+                 sleep: Callable[[float], Any] = time.sleep):
         self.settings = settings
         self.stats = stats
         self.slot = slot
@@ -38,9 +45,29 @@ class ServerContext:
         self.since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
         # Password hashing can take milliseconds: the worker runs it off the event loop.
         self._run_blocking = run_blocking
+        self.sleep = sleep  # gevent.sleep in a worker: a failed login's delay blocks no one else
+        self.guard = AuthGuard(settings, stats, slot)
+        self.tls_context = None
+        self.reload_tls()
         self._user_entries: dict[int, int] = {}
         self._free_entries: list[int] = []
         self._next_entry = 0
+        # XTND: the authorization table (swapped whole by worker.xtnd.AuthReloader) and the way
+        # to send a frame to the supervisor (set by worker.main; False when it cannot be sent).
+        self.xtnd_auth: XtndAuth = NOBODY
+        self.tell_supervisor: Callable[[Kind, int], bool] = lambda kind, argument: False
+
+    def reload_tls(self) -> None:
+        """(Re)load the certificate; a file that fails keeps the context sessions use now."""
+        if not self.settings.tls_cert:
+            return
+        import gevent.ssl  # only workers that serve TLS need it
+
+        try:
+            self.tls_context = server_context(self.settings.tls_cert, self.settings.tls_key,
+                                              factory=gevent.ssl.SSLContext)
+        except TlsConfigError as exc:
+            log.error("%s; keeping the previous certificate", exc)
 
     # -- authentication ---------------------------------------------------------------------
     def authenticate(self, user: str, password: bytes) -> Account | None:
@@ -50,21 +77,24 @@ class ServerContext:
         looks the same to the caller: nothing tells which users exist.
         """
         account = self.users.get(user)
-        stored = account.password if account is not None else passwords.DUMMY
+        stored = account.password if account else getattr(self.users, "dummy", passwords.DUMMY)
         good = self._run_blocking(passwords.verify, stored, password)
         if not good or account is None or not account.accessible:
             return None
         return account
 
-    def maildrop_for(self, account: Account) -> Maildrop:
+    def maildrop_for(self, account: Account) -> Maildrop | Mbox:
+        """The account's maildrop: ``maildir:PATH`` or ``mbox:PATH`` (a Unix spool file)."""
         kind, _, where = self.settings.mail.partition(":")
-        if kind != "maildir" or not where:
+        if kind not in ("maildir", "mbox") or not where:
             raise MaildropError(f"unsupported mail location {self.settings.mail!r}")
         path = where.replace("%u", account.name)
         if path.startswith("~"):
             if not account.home:
                 raise MaildropError(f"user {account.name} has no home for {where!r}")
             path = account.home.rstrip("/") + path[1:]
+        if kind == "mbox":
+            return Mbox(path, self.settings.wastebasket, self.settings.purge_reclaim)
         return Maildrop(path, self.settings.wastebasket, self.settings.purge_reclaim)
 
     # -- statistics -------------------------------------------------------------------------

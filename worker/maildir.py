@@ -3,7 +3,8 @@
 The session opens one ``Maildrop`` after a good login and calls ``commit`` only in the UPDATE
 state; everything before that is read-only, so a dropped connection or a killed worker changes
 nothing on disk. Deleted mail goes to the wastebasket folder (Maildir++ ``.Trash``) unless
-``purge`` is set, like VMS MAIL's WASTEBASKET and IUPOP3's ``-purge_reclaim``.
+``purge`` is set, like VMS MAIL's WASTEBASKET and IUPOP3's ``-purge_reclaim``. A foreign message
+(see worker.rewrite) is never removed: "deleting" it moves it to the ``.MAIL`` folder.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LOCK_NAME = ".iupop3.lock"
+FOREIGN_FOLDER = ".MAIL"  # IUPOP3 1.8 moved MAIL/FOREIGN messages to the MAIL folder
 _SIZE_FIELDS = re.compile(rb",([SW])=(\d+)")
 _UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
 _CHUNK = 64 * 1024
@@ -38,7 +41,11 @@ class Message:
     size: int       # octets with CRLF line ends, as RETR sends them (before stuffing)
     path: str
     base: str       # Maildir unique name (before ":2,"), stable across new/ -> cur/
-    foreign: bool = False
+    foreign: bool = False  # cannot travel as text: served as a notice, kept on DELE
+
+
+# (path, unique name) -> (size as served, foreign?); worker.rewrite.Rewriter.measure is one.
+Measure = Callable[[str, str], tuple[int, bool]]
 
 
 def uid_for(base: str) -> str:
@@ -58,17 +65,27 @@ def wire_size(data: bytes) -> int:
 
 
 def file_wire_size(path: str) -> int:
-    """Wire size of a file, read in chunks; a CR at a chunk's end is carried to the next."""
+    """Wire size of a file, read in chunks; a CR at a chunk's end is carried to the next.
+
+    A last line without its LF counts the CRLF the DotStuffer adds to end it.
+    """
     total = 0
     carry = b""
+    last = b"\n"
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
+            last = chunk[-1:]
             chunk = carry + chunk
             carry = b""
             if chunk.endswith(b"\r"):
                 carry, chunk = b"\r", chunk[:-1]
             total += wire_size(chunk)
-    return total + len(carry)
+    return total + len(carry) + (0 if last == b"\n" else 2)
+
+
+def plain_measure(path: str, base: str) -> tuple[int, bool]:
+    """Sizes without any rewriting (the message as stored, CRLF line ends)."""
+    return _size_of(path, os.path.basename(path)), False
 
 
 def ensure_maildir(path: str) -> None:
@@ -108,7 +125,7 @@ class Maildrop:
             os.close(self._lock_fd)  # closing the only descriptor releases the flock
             self._lock_fd = None
 
-    def scan(self, maxmsg: int = 0) -> list[Message]:
+    def scan(self, maxmsg: int = 0, measure: Measure = plain_measure) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
         found: list[tuple[int, str, str, str]] = []
         for sub in ("new", "cur"):
@@ -129,10 +146,14 @@ class Maildrop:
         for when, base, sub, name in found:
             path = os.path.join(self.path, sub, name)
             try:
-                size = _size_of(path, name)
+                size, foreign = measure(path, base)
             except FileNotFoundError:
-                continue  # removed by another program since the listing
-            messages.append(Message(len(messages), uid_for(base), size, path, base))
+                try:  # moved new/ -> cur/ (or flagged) by another program since the listing
+                    path = self._find(base)
+                    size, foreign = measure(path, base)
+                except FileNotFoundError:
+                    continue  # removed since the listing
+            messages.append(Message(len(messages), uid_for(base), size, path, base, foreign))
         return messages
 
     def open_message(self, message: Message):
@@ -143,23 +164,33 @@ class Maildrop:
             message.path = self._find(message.base)
             return open(message.path, "rb")
 
-    def commit(self, deleted: list[Message]) -> None:
-        """Apply the session's deletions (UPDATE state only)."""
+    def commit(self, deleted: list[Message]) -> int:
+        """Apply the session's deletions (UPDATE state only); returns how many of them were
+        foreign and so moved to ``FOREIGN_FOLDER`` instead (IUPOP3 "lies about having
+        deleted them"), whatever ``purge`` says."""
         if not deleted:
-            return
-        trash = None if self.purge else os.path.join(self.path, self.wastebasket)
-        if trash:
-            ensure_maildir(trash)
-            marker = os.path.join(trash, "maildirfolder")
-            if not os.path.exists(marker):
-                open(marker, "a").close()
+            return 0
+        trash = None if self.purge else self._folder(self.wastebasket)
+        kept = 0
         for message in deleted:
+            target = self._folder(FOREIGN_FOLDER) if message.foreign else trash
             try:
-                self._remove(message, trash)
+                self._remove(message, target)
             except FileNotFoundError:
                 continue  # already gone: another client deleted it, which is what we wanted
+            kept += message.foreign
         if self.purge:
             self.empty_wastebasket()
+        return kept
+
+    def _folder(self, name: str) -> str:
+        """A Maildir++ folder of this maildrop, created if missing."""
+        folder = os.path.join(self.path, name)
+        ensure_maildir(folder)
+        marker = os.path.join(folder, "maildirfolder")
+        if not os.path.exists(marker):
+            open(marker, "a").close()
+        return folder
 
     def _remove(self, message: Message, trash: str | None) -> None:
         path = message.path
@@ -175,6 +206,8 @@ class Maildrop:
         os.rename(path, os.path.join(trash, "cur", name))
 
     def empty_wastebasket(self) -> None:
+        if self.wastebasket.strip("/") == FOREIGN_FOLDER:
+            return  # foreign messages are never removed
         trash = os.path.join(self.path, self.wastebasket)
         for sub in ("cur", "new"):
             folder = os.path.join(trash, sub)

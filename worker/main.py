@@ -25,6 +25,7 @@ from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
 from shared.users import UsersFileError, load_users
 from worker.connection import Connection
+from worker import xtnd
 from worker.context import ServerContext
 
 CHANNEL_FD = 3
@@ -46,6 +47,8 @@ class Worker:
         self.drain_deadline: float | None = None
         self.serial = 0
         self.handler = None
+        self.reloader = xtnd.AuthReloader(ctx, settings.xtnd)
+        ctx.tell_supervisor = self.tell_supervisor
 
     def run(self) -> int:
         self.stats.set(self.slot, Counter.PID, os.getpid())
@@ -55,11 +58,14 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
         ticker = gevent.spawn(self.tick)
         receiver = gevent.spawn(self.receive)
+        self.reloader.reload("startup")
+        self.reloader.watch()
         log.info("worker %d ready, pid %d", self.slot, os.getpid())
         self.drain_started.wait()
         self.finish_sessions()
         receiver.kill()
         ticker.kill()
+        self.reloader.stop()
         log.info("worker %d exits", self.slot)
         return 0
 
@@ -79,23 +85,46 @@ class Worker:
             self.dispatch(frame)
 
     def dispatch(self, frame: handoff.Frame) -> None:
+        log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
         if frame.kind is Kind.CONNECTION:
-            self.stats.add(self.slot, Counter.RECEIVED)
             if self.draining:
+                self.stats.add(self.slot, Counter.RECEIVED)
                 os.close(frame.fd)  # raced with our drain: the client sees a close
                 return
             sock = gevent.socket.socket(fileno=frame.fd)
             self.serial += 1
             session_id = f"w{self.slot}.{self.serial}"
-            self.sessions.spawn(Connection(sock, self.ctx, session_id).serve)
+            implicit_tls = frame.argument == handoff.IMPLICIT_TLS
+            self.sessions.spawn(self.serve, Connection(sock, self.ctx, session_id, implicit_tls))
         elif frame.kind is Kind.DRAIN:
             self.begin_drain(frame.argument)
         elif frame.kind is Kind.LOGLEVEL:
-            logsetup.set_level(logsetup.LEVEL_NAMES[frame.argument])
+            xtnd.apply_level(frame.argument)
         elif frame.kind is Kind.REOPEN_LOG and self.handler is not None:
-            self.handler.reopen()
+            try:
+                self.handler.reopen()
+            except OSError as exc:  # keep writing the old file rather than stop serving
+                log.error("cannot reopen the log file: %s", exc)
         elif frame.kind is Kind.RELOAD:
             log.info("reload requested")
+            self.reloader.reload("reload request")
+            self.ctx.reload_tls()
+
+    def serve(self, connection: Connection) -> None:
+        # RECEIVED counts only once the greenlet runs, in the same step as serve's CURRENT + 1:
+        # the supervisor's load (CURRENT + handed off but not received) then never misses a
+        # session that waits for its greenlet, so Max Threads and -maxclients stay exact.
+        self.stats.add(self.slot, Counter.RECEIVED)
+        connection.serve()
+
+    def tell_supervisor(self, kind: Kind, argument: int = 0) -> bool:
+        """Send a frame up the channel (XTND LOGLEVEL, SHUTDOWN); False if it cannot go."""
+        try:
+            handoff.send_frame(self.channel, kind, argument)
+        except OSError as exc:
+            log.error("cannot tell the supervisor %s: %s", kind.name, exc)
+            return False
+        return True
 
     def begin_drain(self, deadline_seconds: int = 0) -> None:
         """Stop taking work; sessions get ``deadline_seconds`` (0 = as long as they need)."""
@@ -139,7 +168,7 @@ def main(argv: list[str]) -> int:
     setproctitle(f"iupop3: worker {slot} [starting]")
     stats = StatsArea.attach(STATS_FD)
     level = logsetup.LEVEL_NAMES[stats.get_header(Header.LOGLEVEL)]
-    handler = logsetup.configure(f"worker-{slot}", level, settings.logfile)
+    handler = logsetup.configure(f"worker-{slot}", level, settings.logfile, settings.log_flush)
     try:
         users = load_users(settings.users)
     except UsersFileError as exc:
@@ -147,7 +176,8 @@ def main(argv: list[str]) -> int:
         return 1
     hub = gevent.get_hub()
     ctx = ServerContext(settings, stats, slot, users,
-                        run_blocking=lambda f, *a: hub.threadpool.apply(f, a))
+                        run_blocking=lambda f, *a: hub.threadpool.apply(f, a),
+                        sleep=gevent.sleep)
     worker = Worker(slot, settings, stats, ctx)
     worker.handler = handler
     return worker.run()

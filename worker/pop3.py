@@ -8,13 +8,14 @@ says which state admits which verb.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from shared.logsetup import THREAD, session_logger
+from shared.logsetup import THREAD, masked_command, session_logger
 from worker import replies as R
-from worker.maildir import MaildropBusy, MaildropError, Message
+from worker import rewrite
+from worker.maildir import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
 if TYPE_CHECKING:
@@ -36,9 +37,9 @@ class State(Enum):
 
 
 ALLOWED: dict[State, frozenset[str]] = {
-    State.AUTHORIZATION: frozenset({"USER", "PASS", "QUIT", "CAPA"}),
+    State.AUTHORIZATION: frozenset({"USER", "PASS", "QUIT", "CAPA", "STLS"}),
     State.TRANSACTION: frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
-                                  "TOP", "UIDL", "CAPA"}),
+                                  "TOP", "UIDL", "CAPA", "XTND"}),
     State.UPDATE: frozenset(),
 }
 
@@ -49,10 +50,16 @@ class Session:
     """The server half of one POP3 conversation."""
 
     def __init__(self, ctx: "ServerContext", write: Callable[[bytes], None], peer: str,
-                 session_id: str):
+                 session_id: str, *, secure: bool = False, tls_available: bool = False,
+                 local: bool = True, address: str = ""):
         self.ctx = ctx
         self._write = write
         self.peer = peer
+        self.secure = secure                  # TLS is active on this connection
+        self.tls_available = tls_available    # STLS could start TLS now
+        self.local = local                    # the client is on this host (loopback)
+        self.address = address                # the client's IP address, for the auth guard
+        self.start_tls = False                # set by STLS: the connection starts TLS next
         self.log = session_logger(session_id)
         self.state = State.AUTHORIZATION
         self.closing = False          # the connection closes once this reply is out
@@ -66,6 +73,7 @@ class Session:
 
     # -- output ---------------------------------------------------------------------------
     def reply(self, line: str) -> None:
+        self.log.debug("S: %s", line)  # the server's half: DEBUG only (THREAD logs the client's)
         self._write(line.encode("utf-8", "replace") + b"\r\n")
 
     def start(self) -> None:
@@ -100,10 +108,8 @@ class Session:
         self.reply(R.LINE_TOO_LONG)
 
     def _log_command(self, verb: str, rest: bytes) -> None:
-        if verb == "PASS":
-            self.log.log(THREAD, "PASS ********")
-        else:
-            self.log.log(THREAD, "%s %s", verb, rest.decode("utf-8", "backslashreplace")[:100])
+        # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_command).
+        self.log.log(THREAD, "%s", masked_command(verb, rest))
 
     def _args(self, verb: str, rest: bytes, counts: tuple[int, ...]) -> list[str] | None:
         args = rest.decode("utf-8", "replace").split()
@@ -134,6 +140,9 @@ class Session:
         args = self._args("USER", rest, (1,))
         if args is None:
             return
+        if not self.cleartext_allowed():
+            self.reply(R.CLEARTEXT_REFUSED)
+            return
         name = args[0].lower()
         if not _USER_NAME.fullmatch(name):
             self.user = None
@@ -147,6 +156,11 @@ class Session:
             self.reply(R.USER_FIRST)
             return
         user, self.user = self.user, None
+        if self.ctx.guard.blocked(self.address):
+            self.log.log(THREAD, "login refused: too many failures from %s", self.address)
+            self.reply(R.ADDRESS_BLOCKED)
+            self.closing = True
+            return
         # PASS takes the rest of the line verbatim: passwords may contain spaces.
         account = self.ctx.authenticate(user, rest)
         if account is None:
@@ -164,7 +178,8 @@ class Session:
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
         try:
-            self.messages = maildrop.scan(self.ctx.settings.maxmsg)
+            self.messages = maildrop.scan(self.ctx.settings.maxmsg,
+                                          rewrite.rewriter_for(self.ctx).measure)
         except OSError as exc:
             maildrop.unlock()
             self.log.error("user %s: cannot read maildrop: %s", user, exc)
@@ -181,19 +196,39 @@ class Session:
     def _login_failed(self, user: str) -> None:
         self.failures += 1
         self.ctx.auth_failed()
-        self.log.log(THREAD, "login failed for %s from %s (attempt %d)", user, self.peer,
-                     self.failures)
+        delay = self.ctx.guard.failed(self.address, user)
+        self.log.log(THREAD, "login failed for %s from %s (attempt %d), delay %.0fs", user,
+                     self.peer, self.failures, delay)
+        if delay:
+            self.ctx.sleep(delay)
         self.reply(R.NOT_ACCESSIBLE.format(user=user))
         if self.failures >= self.ctx.settings.login_attempts:
-            self.log.info("closing %s after %d failed logins", self.peer, self.failures)
+            self.log.log(THREAD, "closing %s after %d failed logins", self.peer, self.failures)
             self.closing = True
+
+    def cleartext_allowed(self) -> bool:
+        """USER/PASS is allowed over TLS, and without it as the cleartext policy says."""
+        policy = self.ctx.settings.cleartext_auth
+        return self.secure or policy == "ALWAYS" or (policy == "LOOPBACK" and self.local)
 
     def pop_CAPA(self, rest: bytes) -> None:
         self.reply(R.CAPA)
         for capability in CAPABILITIES:
-            self.reply(capability)
+            if capability != "USER" or self.cleartext_allowed():
+                self.reply(capability)
+        if self.tls_available and not self.secure and self.state is State.AUTHORIZATION:
+            self.reply("STLS")
         self.reply(f"IMPLEMENTATION IUPOP3-V{self.ctx.version}")
         self._write(b".\r\n")
+
+    def pop_STLS(self, rest: bytes) -> None:
+        if self.secure or not self.tls_available:
+            self.reply(R.STLS_UNAVAILABLE)
+            return
+        self.reply(R.STLS)
+        # RFC 2595 section 4: the connection negotiates TLS next and throws away anything the
+        # client sent after STLS; then a new session starts in AUTHORIZATION.
+        self.start_tls = True
 
     def pop_QUIT(self, rest: bytes) -> None:
         self.quit = True
@@ -202,13 +237,14 @@ class Session:
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
             try:
-                self.maildrop.commit(deleted)
+                kept = self.maildrop.commit(deleted)
             except OSError as exc:
                 self.log.error("update of %s failed: %s", self.account_name, exc)
                 self.release()
                 self.reply(R.UPDATE_FAILED)
                 return
-            self.log.log(THREAD, "update: %d messages deleted", len(deleted))
+            self.log.log(THREAD, "update: %d messages deleted, %d of them foreign: moved to %s",
+                         len(deleted), kept, FOREIGN_FOLDER)
         self.release()
         self.reply(R.SIGNING_OFF.format(host=self.ctx.hostname))
 
@@ -252,15 +288,15 @@ class Session:
         fh = self._open(message)
         if fh is None:
             return
+        xid = rewrite.new_id(self.ctx.slot)
         with fh:
-            self.reply(R.RETR.format(octets=message.size))
-            stuffer = DotStuffer()
-            while chunk := fh.read(_CHUNK):
-                self._write(stuffer.feed(chunk))
-            self._write(stuffer.finish())
+            # Logged before the transfer, so a download cut short can be found by its ID too.
+            self.log.log(THREAD, "RETR %d uid %s, %d octets%s, X-POP3-ID %s", message.index + 1,
+                         message.uid, message.size, " (foreign: notice only)" if message.foreign else "",
+                         xid)
+            pieces = rewrite.rewriter_for(self.ctx).render(fh, message.foreign, xid)
+            self._send_multiline(R.RETR.format(octets=message.size), pieces)
         self.ctx.retrieved(message.size)
-        self.log.log(THREAD, "RETR %d uid %s, %d octets", message.index + 1, message.uid,
-                     message.size)
 
     def pop_TOP(self, rest: bytes) -> None:
         args = self._args("TOP", rest, (2,))
@@ -276,19 +312,27 @@ class Session:
         fh = self._open(message)
         if fh is None:
             return
+        xid = rewrite.new_id(self.ctx.slot)
         with fh:
-            self.reply(R.TOP)
-            stuffer = DotStuffer()
-            in_body = False
-            for line in fh:
-                if in_body:
-                    if body_lines <= 0:
-                        break
-                    body_lines -= 1
-                elif line in (b"\n", b"\r\n"):
-                    in_body = True
-                self._write(stuffer.feed(line))
-            self._write(stuffer.finish())
+            self.log.debug("TOP %d uid %s, X-POP3-ID %s", message.index + 1, message.uid, xid)
+            pieces = rewrite.rewriter_for(self.ctx).render(fh, message.foreign, xid, body_lines)
+            self._send_multiline(R.TOP, pieces)
+
+    def _send_multiline(self, status: str, pieces: Iterable[bytes]) -> None:
+        """Status line, stuffed pieces and terminator, in writes of about ``_CHUNK`` octets
+        (a small message goes out in one send)."""
+        stuffer = DotStuffer()
+        pending = [status.encode("utf-8") + b"\r\n"]
+        size = 0
+        for piece in pieces:
+            data = stuffer.feed(piece)
+            pending.append(data)
+            size += len(data)
+            if size >= _CHUNK:
+                self._write(b"".join(pending))
+                pending, size = [], 0
+        pending.append(stuffer.finish())
+        self._write(b"".join(pending))
 
     def _open(self, message: Message):
         try:
@@ -306,6 +350,10 @@ class Session:
         if message is None:
             return
         self.deleted.add(message.index)
+        if message.foreign:
+            # IUPOP3 1.8 "simply lies about having deleted" a foreign message: see commit.
+            self.log.log(THREAD, "DELE %d: foreign, goes to %s at update", message.index + 1,
+                         FOREIGN_FOLDER)
         self.reply(R.DELE.format(n=message.index + 1))
 
     def pop_RSET(self, rest: bytes) -> None:
@@ -315,6 +363,13 @@ class Session:
 
     def pop_NOOP(self, rest: bytes) -> None:
         self.reply(R.NOOP)
+
+    def pop_XTND(self, rest: bytes) -> None:
+        # IUPOP3's administration commands live in worker/xtnd.py; imported here so the
+        # sans-IO session does not pull in gevent and watchdog for every import of this module.
+        from worker import xtnd
+
+        xtnd.handle(self, rest)
 
     # -- end --------------------------------------------------------------------------------
     def release(self) -> None:

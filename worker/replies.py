@@ -11,8 +11,11 @@ NOT_ACCESSIBLE = '-ERR user account "{user}" not accessible'
 SIGNING_OFF = "+OK IUPOP3 server at {host} signing off."
 
 USER_FIRST = "-ERR give USER first"
+CLEARTEXT_REFUSED = "-ERR [AUTH] cleartext login is not allowed here: use STLS first"
+STLS = "+OK Begin TLS negotiation now"
+STLS_UNAVAILABLE = "-ERR STLS is not available now"
 BAD_USER_NAME = "-ERR [AUTH] invalid user name"
-TOO_MANY_FAILURES = "-ERR [AUTH] too many failed logins, closing connection"
+ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
 AUTH_UNAVAILABLE = "-ERR [SYS/TEMP] authentication is unavailable now"

@@ -1,0 +1,271 @@
+"""Benchmark iupop3 against a private Dovecot: ``python3 bench/run.py [--quick|--full]``.
+
+Sets up everything it needs (test mail, users, Dovecot's config; installs dovecot-pop3d when
+root and missing), runs each scenario against each server in turn, alternating which goes
+first, and writes a table, bench/results/bench-STAMP.json and a PNG chart of the ratios.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_PYTHON = os.path.join(PROJECT, ".venv", "bin", "python")
+
+
+def _reexec_in_venv() -> None:
+    """The load generator needs gevent: run under the project's venv when it is not ours."""
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.executable) != os.path.realpath(
+                VENV_PYTHON):
+            os.execv(VENV_PYTHON, [VENV_PYTHON, os.path.abspath(__file__), *sys.argv[1:]])
+        sys.exit("bench: gevent is missing; create the venv first (see README.md)")
+
+
+if __name__ == "__main__":
+    _reexec_in_venv()
+    sys.path.insert(0, PROJECT)
+
+from bench import report  # noqa: E402
+from bench.scenarios import Bench, Plan, Result  # noqa: E402
+from bench.servers import DOVECOT, Dovecot, Iupop3, Server, ensure_dovecot  # noqa: E402
+from bench import mailgen  # noqa: E402
+
+SCENARIOS = ("storm", "retr", "idle", "big", "poll")
+MAIL_OWNER = (65534, 65534)  # nobody:nogroup; Dovecot will not serve mail as root
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="~1-minute smoke run")
+    size.add_argument("--full", action="store_true",
+                      help="also hold 10,000 idle sessions (a few minutes more)")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated scenarios to run (default: all: "
+                             f"{','.join(SCENARIOS)})")
+    parser.add_argument("--no-dovecot", action="store_true", help="benchmark iupop3 alone")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not apt-get install dovecot-pop3d when it is missing")
+    parser.add_argument("--dovecot-reuse", action="store_true",
+                        help="let Dovecot's pop3 processes serve many sessions in turn "
+                             "(service_count = 0) instead of one process per session")
+    parser.add_argument("--idle", default="",
+                        help="idle session counts, e.g. 1000,10000 (overrides the plan)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every step this many times (alternating which server goes "
+                             "first) and report medians: steadier figures on a busy machine")
+    parser.add_argument("--workers", type=int, default=2, help="iupop3 worker processes")
+    parser.add_argument("--loadgen-procs", type=int, default=2,
+                        help="load-generator processes for concurrent scenarios")
+    parser.add_argument("--workdir", default="/tmp/iupop3-bench",
+                        help="scratch folder for mail, configs and logs (emptied first)")
+    parser.add_argument("--out", default=os.path.join(PROJECT, "bench", "results"),
+                        help="folder for the JSON and PNG results")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the comparison, run py-spy on an iupop3 worker under "
+                             "the login storm and bulk RETR and print the hot spots")
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    plan = Plan.quick() if args.quick else Plan.full() if args.full else Plan()
+    plan.loadgen_procs = max(1, args.loadgen_procs)
+    if args.idle:
+        plan.idle_levels = tuple(int(x) for x in args.idle.split(","))
+    return plan
+
+
+def raise_fd_limit() -> int:
+    """Servers and load generators inherit this; 10,000 sessions need the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def steps(bench: Bench, only: list[str]) -> list[tuple[str, list[str], object]]:
+    """(scenario, variants, run(server) -> {variant: Result}) in the order they run."""
+    plan = bench.plan
+    out: list[tuple[str, list[str], object]] = []
+    if "storm" in only:
+        for c in plan.storm_concurrency:
+            out.append(("storm", [f"c={c}"],
+                        lambda s, c=c: {f"c={c}": bench.login_storm(s, c)}))
+    if "retr" in only:
+        for c in plan.retr_concurrency:
+            out.append(("retr", [f"c={c}"], lambda s, c=c: {f"c={c}": bench.bulk_retr(s, c)}))
+    if "idle" in only:
+        for n in plan.idle_levels:
+            out.append(("idle", [f"{n}"], lambda s, n=n: {f"{n}": bench.idle_sessions(s, n)}))
+    if "big" in only:
+        out.append(("big", ["cold", "warm"], bench.big_mailbox))
+    if "poll" in only:
+        out.append(("poll", [f"{plan.poll_users} users"],
+                    lambda s: {f"{plan.poll_users} users": bench.real_poll(s)}))
+    return out
+
+
+def summary(scenario: str, result: Result) -> str:
+    f = result.figures
+    keys = {"storm": ("rate", "p99_ms"), "retr": ("mb_s",), "idle": ("held", "pss_kib"),
+            "big": ("total_ms",), "poll": ("polls_s", "p99_ms")}[scenario]
+    text = " ".join(f"{k}={report.fmt(f.get(k))}" for k in keys)
+    errors = sum(result.errors.values())
+    cpu = "/".join(f"{c:.0f}" for c in result.loadgen_cpu)
+    return f"{text} errors={errors}" + (f" loadgen_cpu={cpu}%" if cpu else "")
+
+
+def run_all(bench: Bench, servers: list[Server], only: list[str], rounds: int) -> dict:
+    """Every step against every server, ROUNDS times; who goes first alternates each time."""
+    collected: dict = {}
+    plan = steps(bench, only)
+    for round_no in range(rounds):
+        for index, (scenario, variants, run) in enumerate(plan):
+            order = servers if (index + round_no) % 2 == 0 else servers[::-1]
+            for server in order:
+                started = time.time()
+                try:
+                    results = run(server)
+                except Exception as exc:  # a broken run is shown, never dropped
+                    traceback.print_exc()
+                    failed = Result(notes=[f"run failed: {exc}"]
+                                    + server.log_tail(5).splitlines())
+                    failed.errors["run failed"] += 1
+                    results = {v: failed for v in variants}
+                for variant, result in results.items():
+                    collected.setdefault(scenario, {}).setdefault(variant, {}) \
+                        .setdefault(server.name, []).append(result)
+                    print(f"  {scenario:5} {variant:9} {server.name:8} "
+                          f"{summary(scenario, result)}  ({time.time() - started:.0f}s)",
+                          flush=True)
+    return {scenario: {variant: {name: merge(results) for name, results in by_server.items()}
+                       for variant, by_server in variants.items()}
+            for scenario, variants in collected.items()}
+
+
+def merge(results: list[Result]) -> dict:
+    """One run's dict from several rounds: the median of each figure, errors added up."""
+    if len(results) == 1:
+        return results[0].as_dict()
+    merged = Result()
+    for key in results[0].figures:
+        values = [r.figures[key] for r in results if not math.isnan(r.figures.get(key, math.nan))]
+        merged.figures[key] = statistics.median(values) if values else math.nan
+    for number, result in enumerate(results, 1):
+        merged.errors.update(result.errors)
+        for kind, text in result.examples.items():
+            merged.examples.setdefault(kind, text)
+        merged.loadgen_cpu.extend(result.loadgen_cpu)
+        merged.notes.extend(f"round {number}: {note}" for note in result.notes)
+    merged.figures["errors"] = sum(merged.errors.values())
+    document = merged.as_dict()
+    document["rounds"] = [r.figures for r in results]
+    document["notes"].insert(0, f"median of {len(results)} rounds")
+    return document
+
+
+def machine_info() -> dict:
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load],
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def dovecot_version() -> str:
+    try:
+        return subprocess.run([DOVECOT, "--version"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    began = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    plan = make_plan(args)
+    fd_limit = raise_fd_limit()
+    if max(plan.idle_levels) * 1.1 > fd_limit * max(1, plan.loadgen_procs):
+        print(f"bench: warning: file descriptor limit {fd_limit} may be too low", flush=True)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    os.chmod(args.workdir, 0o755)  # Dovecot's mail processes run as nobody
+
+    peer_note = "not requested (--no-dovecot)"
+    use_dovecot = not args.no_dovecot and not args.profile
+    if use_dovecot:
+        problem = ensure_dovecot(allow_install=not args.no_install)
+        if problem:
+            print(f"bench: {problem}\nbench: running iupop3 alone.", flush=True)
+            peer_note, use_dovecot = problem, False
+        else:
+            peer_note = dovecot_version()
+    owner = MAIL_OWNER if use_dovecot and os.geteuid() == 0 else None
+    if use_dovecot and owner is None:
+        print("bench: Dovecot needs root here (mail owned by nobody); running iupop3 alone.")
+        use_dovecot = False
+
+    bench = Bench(args.workdir, plan, owner)
+    print(f"bench: preparing mail in {args.workdir} ...", flush=True)
+    took = bench.prepare_mail()
+    users = bench.all_users()
+    print(f"bench: {len(users)} users, {bench.seeds.next - 1} messages in {took:.1f}s",
+          flush=True)
+    users_file = os.path.join(args.workdir, "iupop3.users")
+    mailgen.write_iupop3_users(users_file, users)
+    servers: list[Server] = [Iupop3(os.path.join(args.workdir, "iupop3"), users_file,
+                                    args.workers)]
+    if use_dovecot:
+        servers.append(Dovecot(os.path.join(args.workdir, "dovecot"), users, *MAIL_OWNER,
+                               reuse=args.dovecot_reuse))
+
+    if args.profile:
+        from bench.profile import run_profile
+
+        return run_profile(bench, servers[0], args.out, stamp)
+
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    print(f"bench: {mode} run of {', '.join(args.only)} against "
+          f"{' and '.join(s.name for s in servers)}; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    runs = run_all(bench, servers, args.only, max(1, args.rounds))
+    names = [s.name for s in servers]
+    rows = report.build_rows(runs, names)
+    print()
+    print(report.table(rows, runs, names))
+    document = {"stamp": stamp, "mode": mode, "rounds": args.rounds, "seconds": round(time.time() - began, 1),
+                "machine": machine_info(), "plan": vars(plan),
+                "servers": {"iupop3": {"workers": args.workers},
+                            "dovecot": {"version": peer_note, "reuse": args.dovecot_reuse}},
+                "rows": rows, "runs": runs}
+    path = report.json_path(args.out, stamp)
+    report.write_json(path, document)
+    print(f"\nresults: {path}")
+    title = (f"iupop3 / Dovecot, {mode} run {stamp} on {os.cpu_count()} CPUs "
+             f"(load {os.getloadavg()[0]:.1f})")
+    print(report.write_chart(path[:-5] + ".png", rows, title))
+    print(f"bench: done in {time.time() - began:.0f}s")
+    if not args.quick:
+        shutil.rmtree(os.path.join(args.workdir, "serve"), ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Abuse the server must shrug off: guessing passwords, hogging slots from one address."""
+
+from __future__ import annotations
+
+import poplib
+import time
+
+import pytest
+
+from conftest import USERS
+from shared import refusal
+from worker import replies as R
+
+
+def _fail_login(server, user: str = "alice", password: str = "wrong") -> tuple[bytes, float]:
+    raw = server.raw(timeout=30)
+    raw.line()
+    raw.command(f"USER {user}")
+    started = time.monotonic()
+    reply = raw.command(f"PASS {password}")
+    elapsed = time.monotonic() - started
+    raw.close()
+    return reply, elapsed
+
+
+def test_per_address_session_limit(start_server):
+    """One address holds at most -max-per-address sessions; the excess gets [SYS/TEMP]."""
+    server = start_server("-max-per-address", "2")
+    held = [server.pop(), server.pop()]
+    raw = server.raw()
+    assert raw.line() + b"\r\n" == refusal.TOO_MANY_FROM_ADDRESS
+    held[0].quit()
+    deadline = time.monotonic() + 10
+    while True:  # the slot frees once the worker reports the session closed
+        try:
+            client = server.pop()
+            break
+        except poplib.error_proto:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    client.quit()
+    held[1].quit()
+
+
+def test_failed_login_delay_grows(start_server):
+    """Each failed login waits longer before its reply: 1s, then 2s."""
+    server = start_server("-auth-delay", "1", "-auth-delay-max", "8")
+    reply, first = _fail_login(server)
+    assert reply == R.NOT_ACCESSIBLE.format(user="alice").encode()
+    _, second = _fail_login(server, "nosuchuser")
+    assert 0.9 <= first < 1.9
+    assert 1.9 <= second < 3.5
+
+
+def test_delay_blocks_no_other_session(start_server):
+    """While one failed login waits out its delay, another session on the same worker runs."""
+    server = start_server("-workers", "1", "-auth-delay", "3")
+    raw = server.raw(timeout=30)
+    raw.line()
+    raw.command("USER alice")
+    raw.send(b"PASS wrong\r\n")  # now delayed for 3 s inside the worker
+    time.sleep(0.2)
+    started = time.monotonic()
+    client = server.login("bob")
+    assert client.stat()[0] == 3
+    client.quit()
+    assert time.monotonic() - started < 1.5
+    assert raw.line() == R.NOT_ACCESSIBLE.format(user="alice").encode()
+
+
+def test_address_blocked_after_failures_across_connections_and_workers(start_server):
+    """Failures from one address add up over connections and workers; then logins are refused."""
+    server = start_server("-auth-delay", "0", "-auth-block", "3")
+    for _ in range(3):
+        reply, _ = _fail_login(server)
+        assert reply.startswith(b"-ERR user account")
+    reply, _ = _fail_login(server, "bob", USERS["bob"])  # even the right password
+    assert reply == R.ADDRESS_BLOCKED.encode()
+    assert server.output.count("connect from") >= 4
+    assert {int(s) for s in __import__("re").findall(r"worker-(\d) \S+ connect from", server.output)} == {1, 2}
+
+
+def test_block_expires_after_window(start_server):
+    """A blocked address may log in again once its failures are -auth-window seconds old."""
+    server = start_server("-auth-delay", "0", "-auth-block", "2", "-auth-window", "2")
+    _fail_login(server)
+    _fail_login(server)
+    assert _fail_login(server, "bob", USERS["bob"])[0] == R.ADDRESS_BLOCKED.encode()
+    time.sleep(2.5)
+    client = server.login("bob")
+    client.quit()
+
+
+@pytest.mark.parametrize("count", [6])
+def test_unknown_user_costs_what_a_known_one_costs(start_server, tmp_path, count):
+    """With hashed passwords, a wrong password and an unknown user take about the same time."""
+    from shared.passwords import hash_password
+
+    root = tmp_path / "hashed"
+    root.mkdir()
+    (root / "users").write_text(f"alice:{hash_password('secret', 'SHA512-CRYPT')}::::::\n")
+    server = start_server("-auth-delay", "0", "-auth-block", "0", root=root,
+                          users={"alice": "secret"})
+    known = sorted(_fail_login(server, "alice")[1] for _ in range(count))
+    unknown = sorted(_fail_login(server, "nobody")[1] for _ in range(count))
+    median_known, median_unknown = known[count // 2], unknown[count // 2]
+    assert median_unknown > 0.5 * median_known, (known, unknown)
+    assert median_known > 0.5 * median_unknown, (known, unknown)
