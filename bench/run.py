@@ -196,6 +196,14 @@ def dovecot_version() -> str:
         return ""
 
 
+def iupop3_version() -> str:
+    try:
+        from shared.version import VERSION
+    except ImportError:
+        return ""
+    return VERSION
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     began = time.time()
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(rows, runs, names))
     document = {"stamp": stamp, "mode": mode, "rounds": args.rounds, "seconds": round(time.time() - began, 1),
                 "machine": machine_info(), "plan": vars(plan),
-                "servers": {"iupop3": {"workers": args.workers},
+                "servers": {"iupop3": {"version": iupop3_version(), "workers": args.workers},
                             "dovecot": {"version": peer_note, "reuse": args.dovecot_reuse}},
                 "rows": rows, "runs": runs}
     path = report.json_path(args.out, stamp)
@@ -262,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
              f"(load {os.getloadavg()[0]:.1f})")
     print(report.write_chart(path[:-5] + ".png", rows, title))
     print(f"bench: done in {time.time() - began:.0f}s")
-    if not args.quick:
-        shutil.rmtree(os.path.join(args.workdir, "serve"), ignore_errors=True)
+    # The mail goes (it can be hundreds of MB); configs and server logs stay for a look.
+    shutil.rmtree(bench.master, ignore_errors=True)
+    shutil.rmtree(os.path.join(args.workdir, "serve"), ignore_errors=True)
     return 0
 
 

@@ -57,7 +57,10 @@ def masked_command(verb: str, rest: bytes | str, sasl_response: bool = False,
         if len(words) > keep:
             shown.append(MASK)
         text = " ".join(shown)
-    return f"{verb} {text[:limit]}".rstrip()
+    line = f"{verb} {text[:limit]}".rstrip()
+    # CWE-117: a client's NUL, CR or escape sequence must not forge or hide log lines.
+    return line if line.isprintable() else "".join(
+        c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
 class LineFormatter(logging.Formatter):

@@ -220,6 +220,17 @@ def verify(stored: str, password: bytes) -> bool:
         return False  # malformed hash (passlib, base64, hex and argon2 all raise ValueError kin)
 
 
+def plain_secret(stored: str) -> bytes | None:
+    """The password itself for a {PLAIN} entry (APOP needs it), else None."""
+    try:
+        scheme, encoding, data = parse(stored)
+        if scheme != "PLAIN":
+            return None
+        return data.encode("utf-8") if encoding is None else _decode(data, encoding, 0)
+    except (ValueError, TypeError):
+        return None
+
+
 # -- generation -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Maker:

@@ -173,6 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("user", "str", "",
             "after binding the ports as root, run the supervisor and all workers as this user"),
     Setting("group", "str", "", "group to run as with -user (default: that user's own group)"),
+    Setting("apop", "bool", False,
+            "offer APOP (RFC 1939; MD5-based and weak: only for {PLAIN} accounts, better use TLS)"),
     Setting("max_per_address", "int", 50,
             "sessions one client address may hold at once; 0 = no limit", minimum=0,
             flag="max-per-address"),

@@ -24,6 +24,35 @@ ROOT = Path(__file__).resolve().parent.parent
 USERS = {"alice": "wonderland", "bob": "builder pass", "carol": "c4r0l"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the long variants (full-size attack and fault tests)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a full-size variant, run only with --long")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long variant: run with --long")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)
+
+
+def assert_healthy(server: "Server", errors_allowed: bool = False) -> None:
+    """No traceback in the log (nor any ERROR line unless allowed) and no worker ever died."""
+    text = server.output
+    assert "Traceback" not in text, text[text.index("Traceback") - 300:][:3000]
+    if not errors_allowed:
+        bad = [line for line in text.splitlines() if " ERROR " in line]
+        assert not bad, bad[:10]
+    assert not re.search(r"worker \d+ \(pid \d+\) (killed|exited)", text)
+    assert server.proc is not None and server.proc.poll() is None
+
+
 def write_message(maildir: Path, name: str, text: bytes | str, sub: str = "new") -> Path:
     """Deliver one message into a Maildir the way an MDA does (tmp/ then rename)."""
     for folder in ("new", "cur", "tmp"):

@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, USERS
 from shared import adminclient, statsreport
 from shared.adminclient import Answer, Node, UsageError
+from worker import replies as R
 
 CLIENT = [sys.executable, "-m", "shared.adminclient"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
@@ -155,7 +156,7 @@ def test_refused_and_unreachable_nodes_exit_1(start_server, tmp_path):
     wrong = subprocess.run([*CLIENT, f"127.0.0.1:{server.port}", "alice", "not-it", "stats"],
                            env=ENV, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 1
-    assert '-ERR user account "alice" not accessible' in wrong.stdout
+    assert R.NOT_ACCESSIBLE.format(user="alice") in wrong.stdout
     _no_passwords_in([server], "not-it")
 
 
@@ -186,7 +187,8 @@ def test_prompts_through_stdin(start_server, tmp_path):
 
 def test_prompts_on_a_terminal_do_not_echo_the_password(start_server, tmp_path):
     """On a pty: the four prompts appear, the typed password is not echoed, the command runs."""
-    server = _two_servers(start_server, tmp_path)[0]
+    servers = _two_servers(start_server, tmp_path)
+    nodes = " ".join(f"127.0.0.1:{s.port}" for s in servers)
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once (no Python code of the test runs here)
         os.execve(sys.executable, CLIENT, ENV)
@@ -199,26 +201,29 @@ def test_prompts_on_a_terminal_do_not_echo_the_password(start_server, tmp_path):
             assert time.monotonic() < deadline, f"no {prompt!r} in {seen!r}"
             if select.select([fd], [], [], 0.5)[0]:
                 try:
-                    seen += os.read(fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    break
+                    data = os.read(fd, 4096)
+                except OSError:  # EIO: the child has closed the terminal
+                    data = b""
+                if not data:
+                    return
+                seen += data
 
     try:
-        for prompt, answer in ((b"IUPOP3 Node(s) > ", f"127.0.0.1:{server.port}"),
+        for prompt, answer in ((b"IUPOP3 Node(s) > ", nodes),
                                (b"Username > ", "alice"),
                                (b"Password > ", USERS["alice"]),
                                (b"XTND command > ", "loglevel thread")):
             expect(prompt)
             os.write(fd, answer.encode() + b"\n")
-        expect(b"+OK logging level changed to thread")
-        expect(b"\n")
+        expect(b"the end of the output")  # reads until the child closes the terminal
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert seen.count(b"+OK logging level changed to thread") == 2
     assert USERS["alice"].encode() not in seen
     assert b"alice" in seen  # the user name is echoed as typed
-    _no_passwords_in([server])
+    _no_passwords_in(servers)
 
 
 def test_console_script_is_installed():

@@ -430,3 +430,31 @@ def test_top_is_head_of_retr(stored, lines):
         body = b"".join(line + b"\n" for line in after.split(b"\n")[:-1][:lines])
         assert status == b"+OK top of message follows"
         assert top == head + body
+
+
+# -- the real server --------------------------------------------------------------------------
+def test_real_server_patches_logs_the_id_and_keeps_foreign_mail(start_server):
+    """Through the real server: From: patched, the RETR log line names the X-POP3-ID the client
+    got, a foreign message's LIST size is exact and DELE+QUIT moves it to .MAIL."""
+    from conftest import write_message
+
+    server = start_server("-personal_name", "-hostname", HOST)
+    alice = server.maildir("alice")
+    write_message(alice, "1500000000.M1.test", b'From: MYVAX::HUGHES "Larry"\nSubject: v\n\nhi\n')
+    write_message(alice, "1500000001.M2.test", b"Subject: bin\n\n\0\x01\x02\n")
+    client = server.login("alice")
+    sizes = {int(n): int(o) for n, o in (l.split() for l in client.list()[1])}
+    for n in (1, 2):
+        served = b"\r\n".join(client.retr(n)[1]) + b"\r\n"
+        assert len(served) == sizes[n]
+        xid = X_LINES.search(served).group(1).decode()
+        server.wait_for(rf"RETR {n} uid 1500000\d+\.M{n}\.test, {sizes[n]} octets.*"
+                        rf"X-POP3-ID {re.escape(xid)}")
+        if n == 1:
+            assert served.startswith(b'From: "Larry" <hughes@myvax>\r\nSubject: v\r\n'
+                                     b'X-VMS-From: MYVAX::HUGHES "Larry"\r\n')
+        else:
+            assert served.endswith(b"\r\n\r\n" + NOTICE)
+    client.dele(2)
+    client.quit()
+    assert [p.name for p in (alice / ".MAIL" / "cur").iterdir()] == ["1500000001.M2.test:2,"]

@@ -176,6 +176,8 @@ def test_unauthorized_unknown_and_malformed_xtnd(start_server, tmp_path):
     assert alice.command("XTND SHUTDOWN now") == \
         xtnd.BAD_ARGUMENTS.format(command="SHUTDOWN").encode()
     assert server.proc.poll() is None
+    for client in (early, bob, alice):
+        assert client.command("QUIT").startswith(b"+OK")
 
 
 LOAD_USERS = {**{f"u{i:02d}": f"load-pw-{i:02d}!" for i in range(40)}, "alice": "wonderland"}
@@ -183,7 +185,9 @@ LOAD_USERS = {**{f"u{i:02d}": f"load-pw-{i:02d}!" for i in range(40)}, "alice": 
 
 def test_stats_totals_are_exact_under_parallel_load_on_both_workers(start_server, tmp_path):
     """40 sessions with RETRs and 5 failed logins at once over both workers: STATS sums exactly."""
-    server = start_server("-xtnd", str(_auth_file(tmp_path)), users=LOAD_USERS)
+    # No failed-login delay: the five failures come from one address and would queue up.
+    server = start_server("-xtnd", str(_auth_file(tmp_path)), "-auth-delay", "0",
+                          users=LOAD_USERS)
     good = [u for u in LOAD_USERS if u != "alice"]
     bad = [("u00", "wrong"), ("u01", "wrong"), ("u02", "wrong"), ("nobody", "x"), ("ghost", "y")]
     barrier = threading.Barrier(len(good) + len(bad), timeout=60)

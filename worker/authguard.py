@@ -30,8 +30,11 @@ class AuthGuard:
         self.own_address = stats.table(slot, Table.ADDRESS_FAILURES)
         self.own_user = stats.table(slot, Table.USER_FAILURES)
 
+    def _now(self) -> int:
+        return int(self.clock() * 1000)  # milliseconds: whole seconds would round windows off
+
     def _since(self) -> int:
-        return int(self.clock()) - self.settings.auth_window
+        return self._now() - self.settings.auth_window * 1000
 
     def blocked(self, address: str) -> bool:
         """Whether logins from ``address`` are refused for now."""
@@ -46,7 +49,7 @@ class AuthGuard:
 
     def failed(self, address: str, user: str) -> float:
         """Record a failed login; return the seconds to wait before answering it."""
-        now, since = int(self.clock()), self._since()
+        now, since = self._now(), self._since()
         key_address = keytable.digest(address)
         key_user = keytable.digest(user)
         # The entries' timestamps move with every failure: the window runs from the last one.

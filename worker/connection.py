@@ -19,7 +19,7 @@ from shared.logsetup import THREAD
 from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
-from worker.pop3 import MAX_LINE, ConnectionLost, Session
+from worker.pop3 import ConnectionLost, Session
 
 _READ_SIZE = 4096
 
@@ -142,7 +142,7 @@ class Connection:
             while not session.closing:
                 end = buffer.find(b"\n")
                 if end < 0:
-                    if len(buffer) > MAX_LINE:
+                    if len(buffer) > session.max_line:
                         if not discarding:
                             session.line_too_long()
                         discarding = True
@@ -154,7 +154,7 @@ class Connection:
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) + 2 > MAX_LINE:
+                if len(line) + 2 > session.max_line:
                     session.line_too_long()
                     continue
                 session.handle_line(line)

@@ -6,6 +6,7 @@ protocol stays free of policy and the sans-IO tests can build a real context wit
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from shared.tlsconfig import TlsConfigError, server_context
 from shared.users import Account
 from shared.version import VERSION
 from shared.xtndauth import NOBODY, XtndAuth
+from worker import sasl
 from worker.authguard import AuthGuard
 from worker.maildir import Maildrop, MaildropError
 from worker.mbox import Mbox
@@ -47,6 +49,7 @@ class ServerContext:
         self._run_blocking = run_blocking
         self.sleep = sleep  # gevent.sleep in a worker: a failed login's delay blocks no one else
         self.guard = AuthGuard(settings, stats, slot)
+        self._apop_serial = 0
         self.tls_context = None
         self.reload_tls()
         self._user_entries: dict[int, int] = {}
@@ -80,6 +83,20 @@ class ServerContext:
         stored = account.password if account else getattr(self.users, "dummy", passwords.DUMMY)
         good = self._run_blocking(passwords.verify, stored, password)
         if not good or account is None or not account.accessible:
+            return None
+        return account
+
+    def apop_timestamp(self) -> str:
+        """A greeting timestamp unique to this session (RFC 1939 section 7)."""
+        self._apop_serial += 1
+        return f"<{os.getpid()}.{self._apop_serial}.{int(time.time())}@{self.hostname}>"
+
+    def authenticate_apop(self, user: str, timestamp: str, digest: str) -> Account | None:
+        """APOP needs the password itself: only {PLAIN} accounts can use it."""
+        account = self.users.get(user)
+        secret = passwords.plain_secret(account.password) if account is not None else None
+        good = sasl.apop_digest_ok(timestamp, secret if secret is not None else b"\0" * 16, digest)
+        if not good or secret is None or account is None or not account.accessible:
             return None
         return account
 

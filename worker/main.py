@@ -83,9 +83,10 @@ class Worker:
                 self.begin_drain(0)
                 return
             self.dispatch(frame)
+            # After, so a LOGLEVEL frame is logged at the level it sets.
+            log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
 
     def dispatch(self, frame: handoff.Frame) -> None:
-        log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
         if frame.kind is Kind.CONNECTION:
             if self.draining:
                 self.stats.add(self.slot, Counter.RECEIVED)

@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING
 
 from shared.logsetup import THREAD, masked_command, session_logger
 from worker import replies as R
-from worker import rewrite
+from worker import rewrite, sasl
 from worker.maildir import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
 if TYPE_CHECKING:
+    from shared.users import Account
     from worker.context import ServerContext
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
+SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
 _CHUNK = 64 * 1024
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._@+-]{0,63}")
 
@@ -37,7 +39,7 @@ class State(Enum):
 
 
 ALLOWED: dict[State, frozenset[str]] = {
-    State.AUTHORIZATION: frozenset({"USER", "PASS", "QUIT", "CAPA", "STLS"}),
+    State.AUTHORIZATION: frozenset({"USER", "PASS", "APOP", "AUTH", "QUIT", "CAPA", "STLS"}),
     State.TRANSACTION: frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
                                   "TOP", "UIDL", "CAPA", "XTND"}),
     State.UPDATE: frozenset(),
@@ -60,6 +62,9 @@ class Session:
         self.local = local                    # the client is on this host (loopback)
         self.address = address                # the client's IP address, for the auth guard
         self.start_tls = False                # set by STLS: the connection starts TLS next
+        # While an AUTH exchange waits for the client's response, its next line goes here.
+        self.continuation: Callable[[bytes], None] | None = None
+        self.apop_timestamp = ctx.apop_timestamp() if ctx.settings.apop else ""
         self.log = session_logger(session_id)
         self.state = State.AUTHORIZATION
         self.closing = False          # the connection closes once this reply is out
@@ -78,12 +83,19 @@ class Session:
 
     def start(self) -> None:
         self.log.log(THREAD, "connect from %s", self.peer)
-        self.reply(R.GREETING.format(version=self.ctx.version, host=self.ctx.hostname,
-                                     since=self.ctx.since))
+        greeting = R.GREETING.format(version=self.ctx.version, host=self.ctx.hostname,
+                                     since=self.ctx.since)
+        # RFC 1939 section 7: the APOP timestamp is offered only when APOP is on.
+        self.reply(f"{greeting} {self.apop_timestamp}" if self.apop_timestamp else greeting)
 
     # -- input ----------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> None:
         """Handle one command line (without its line end)."""
+        if self.continuation is not None:
+            self.log.log(THREAD, "%s", masked_command("AUTH", line, sasl_response=True))
+            step, self.continuation = self.continuation, None
+            self._guarded(step, line, "AUTH")
+            return
         verb_raw, _, rest = line.partition(b" ")
         verb = verb_raw.decode("ascii", "replace").upper()
         self._log_command(verb, rest)
@@ -94,6 +106,9 @@ class Session:
         if verb not in ALLOWED[self.state]:
             self.reply(R.WRONG_STATE)
             return
+        self._guarded(method, rest, verb)
+
+    def _guarded(self, method: Callable[[bytes], None], rest: bytes, verb: str) -> None:
         try:
             method(rest)
         except (ConnectionLost, TimeoutError):
@@ -101,7 +116,13 @@ class Session:
         except Exception:
             # Exception text never reaches the wire; the log gets the traceback.
             self.log.exception("error in %s", verb)
+            self.continuation = None
             self.reply(R.SERVER_ERROR)
+
+    @property
+    def max_line(self) -> int:
+        """The longest line the session accepts now: SASL responses may exceed RFC 2449's 255."""
+        return SASL_MAX_LINE if self.continuation is not None else MAX_LINE
 
     def line_too_long(self) -> None:
         self.log.log(THREAD, "line too long")
@@ -120,7 +141,7 @@ class Session:
 
     def _message(self, arg: str) -> Message | None:
         """The live message numbered ``arg`` (1-based), or None after an -ERR reply."""
-        if not arg.isdigit():
+        if not (arg.isascii() and arg.isdigit()):  # "²".isdigit(), but int("²") raises
             self.reply(R.NO_SUCH_MESSAGE)
             return None
         n = int(arg)
@@ -156,15 +177,110 @@ class Session:
             self.reply(R.USER_FIRST)
             return
         user, self.user = self.user, None
+        # PASS takes the rest of the line verbatim: passwords may contain spaces.
+        self._login(user, lambda: self.ctx.authenticate(user, rest))
+
+    def pop_APOP(self, rest: bytes) -> None:
+        args = self._args("APOP", rest, (2,))
+        if args is None:
+            return
+        if not self.apop_timestamp:
+            self.reply(R.APOP_UNAVAILABLE)
+            return
+        name, digest = args[0].lower(), args[1]
+        if not _USER_NAME.fullmatch(name):
+            self.reply(R.BAD_USER_NAME)
+            return
+        self._login(name, lambda: self.ctx.authenticate_apop(name, self.apop_timestamp, digest))
+
+    def pop_AUTH(self, rest: bytes) -> None:
+        args = rest.split()
+        if not args:
+            self.reply(R.SASL_LIST)
+            for mechanism in self._mechanisms():
+                self.reply(mechanism)
+            self._write(b".\r\n")
+            return
+        mechanism = args[0].decode("ascii", "replace").upper()
+        if mechanism not in sasl.MECHANISMS:
+            self.reply(R.SASL_UNKNOWN)
+            return
+        if len(args) > 2:
+            self.reply(R.BAD_ARGUMENTS.format(verb="AUTH"))
+            return
+        if not self.cleartext_allowed():
+            self.reply(R.CLEARTEXT_REFUSED)
+            return
+        initial = args[1] if len(args) == 2 else None
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._challenge("", self._auth_plain)
+            else:
+                self._auth_plain(initial)
+        elif initial is None:
+            self._challenge(sasl.LOGIN_USER_PROMPT, self._auth_login_user)
+        else:
+            self._auth_login_user(initial)
+
+    def _mechanisms(self) -> tuple[str, ...]:
+        return sasl.MECHANISMS if self.cleartext_allowed() else ()
+
+    def _challenge(self, text: str, step: Callable[[bytes], None]) -> None:
+        """Send a base64 challenge ("+ " alone for none) and wait for the client's answer."""
+        self.continuation = step
+        self._write(f"+ {text}\r\n".encode())
+
+    def _sasl_failed(self, user: str | None) -> None:
+        self._login_failed(user or "", reply=R.SASL_FAILED if user else R.SASL_MALFORMED)
+
+    def _auth_plain(self, response: bytes) -> None:
+        if response.strip() == sasl.CANCEL:
+            self.reply(R.SASL_CANCELLED)
+            return
+        decoded = sasl.decode_b64(response)
+        credentials = sasl.plain_credentials(decoded) if decoded is not None else None
+        if credentials is None or not _USER_NAME.fullmatch(credentials[0].lower()):
+            self._sasl_failed(None)
+            return
+        user, password = credentials[0].lower(), credentials[1]
+        self._login(user, lambda: self.ctx.authenticate(user, password), R.SASL_FAILED)
+
+    def _auth_login_user(self, response: bytes) -> None:
+        if response.strip() == sasl.CANCEL:
+            self.reply(R.SASL_CANCELLED)
+            return
+        decoded = sasl.decode_b64(response)
+        try:
+            user = decoded.decode("utf-8").lower() if decoded is not None else ""
+        except UnicodeDecodeError:
+            user = ""
+        if not _USER_NAME.fullmatch(user):
+            self._sasl_failed(None)
+            return
+        self._challenge(sasl.LOGIN_PASSWORD_PROMPT,
+                        lambda line: self._auth_login_password(user, line))
+
+    def _auth_login_password(self, user: str, response: bytes) -> None:
+        if response.strip() == sasl.CANCEL:
+            self.reply(R.SASL_CANCELLED)
+            return
+        password = sasl.decode_b64(response)
+        if password is None:
+            self._sasl_failed(user)
+            return
+        self._login(user, lambda: self.ctx.authenticate(user, password), R.SASL_FAILED)
+
+    def _login(self, user: str, check: Callable[[], "Account | None"],
+               failure: str = R.NOT_ACCESSIBLE) -> None:
+        """Authenticate with ``check``, then open and lock the maildrop (TRANSACTION)."""
         if self.ctx.guard.blocked(self.address):
             self.log.log(THREAD, "login refused: too many failures from %s", self.address)
             self.reply(R.ADDRESS_BLOCKED)
             self.closing = True
             return
-        # PASS takes the rest of the line verbatim: passwords may contain spaces.
-        account = self.ctx.authenticate(user, rest)
+        account = check()
         if account is None:
-            self._login_failed(user)
+            self._login_failed(user, failure)
             return
         maildrop = self.ctx.maildrop_for(account)
         try:
@@ -193,7 +309,7 @@ class Session:
                      len(self.messages))
         self.reply(R.LOGIN_OK)
 
-    def _login_failed(self, user: str) -> None:
+    def _login_failed(self, user: str, reply: str = R.NOT_ACCESSIBLE) -> None:
         self.failures += 1
         self.ctx.auth_failed()
         delay = self.ctx.guard.failed(self.address, user)
@@ -201,7 +317,7 @@ class Session:
                      self.peer, self.failures, delay)
         if delay:
             self.ctx.sleep(delay)
-        self.reply(R.NOT_ACCESSIBLE.format(user=user))
+        self.reply(reply.format(user=user))
         if self.failures >= self.ctx.settings.login_attempts:
             self.log.log(THREAD, "closing %s after %d failed logins", self.peer, self.failures)
             self.closing = True
@@ -216,6 +332,8 @@ class Session:
         for capability in CAPABILITIES:
             if capability != "USER" or self.cleartext_allowed():
                 self.reply(capability)
+        if self._mechanisms():
+            self.reply("SASL " + " ".join(self._mechanisms()))
         if self.tls_available and not self.secure and self.state is State.AUTHORIZATION:
             self.reply("STLS")
         self.reply(f"IMPLEMENTATION IUPOP3-V{self.ctx.version}")
@@ -305,7 +423,7 @@ class Session:
         message = self._message(args[0])
         if message is None:
             return
-        if not args[1].isdigit():
+        if not (args[1].isascii() and args[1].isdigit()):
             self.reply(R.BAD_ARGUMENTS.format(verb="TOP"))
             return
         body_lines = int(args[1])

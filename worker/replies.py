@@ -7,13 +7,20 @@ are RFC 2449 / RFC 3206.
 GREETING = "+OK IUPOP3 server V{version} at {host}, up since {since}"
 PASSWORD_REQUIRED = '+OK Password required for "{user}"'
 LOGIN_OK = "+OK Username/password combination ok"
-NOT_ACCESSIBLE = '-ERR user account "{user}" not accessible'
+# The README's words, with RFC 3206's [AUTH] code since CAPA announces AUTH-RESP-CODE.
+NOT_ACCESSIBLE = '-ERR [AUTH] user account "{user}" not accessible'
 SIGNING_OFF = "+OK IUPOP3 server at {host} signing off."
 
 USER_FIRST = "-ERR give USER first"
 CLEARTEXT_REFUSED = "-ERR [AUTH] cleartext login is not allowed here: use STLS first"
 STLS = "+OK Begin TLS negotiation now"
 STLS_UNAVAILABLE = "-ERR STLS is not available now"
+APOP_UNAVAILABLE = "-ERR APOP is not enabled on this server"
+SASL_LIST = "+OK SASL mechanisms follow"
+SASL_UNKNOWN = "-ERR [AUTH] unsupported SASL mechanism"
+SASL_FAILED = NOT_ACCESSIBLE
+SASL_MALFORMED = "-ERR [AUTH] malformed authentication exchange"
+SASL_CANCELLED = "-ERR authentication cancelled"
 BAD_USER_NAME = "-ERR [AUTH] invalid user name"
 ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
