@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(PROJECT, ".venv", "bin", "python")
@@ -142,15 +143,20 @@ def run_all(bench: Bench, servers: list[Server], only: list[str], rounds: int) -
             order = servers if (index + round_no) % 2 == 0 else servers[::-1]
             for server in order:
                 started = time.time()
+                log_mark = server.log_size()
                 try:
                     results = run(server)
                 except Exception as exc:  # a broken run is shown, never dropped
                     traceback.print_exc()
-                    failed = Result(notes=[f"run failed: {exc}"]
-                                    + server.log_tail(5).splitlines())
-                    failed.errors["run failed"] += 1
-                    results = {v: failed for v in variants}
+                    results = {v: Result(errors=Counter({"run failed": 1}),
+                                         notes=[f"run failed: {exc}"]
+                                         + server.log_tail(5).splitlines())
+                               for v in variants}
+                logged = server.log_errors(log_mark)
                 for variant, result in results.items():
+                    if logged:
+                        result.errors["server log error lines"] += len(logged)
+                        result.examples.setdefault("server log error lines", logged[0][:200])
                     collected.setdefault(scenario, {}).setdefault(variant, {}) \
                         .setdefault(server.name, []).append(result)
                     print(f"  {scenario:5} {variant:9} {server.name:8} "

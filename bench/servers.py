@@ -143,6 +143,23 @@ class Server:
         while time.time() < deadline and len(process_tree(pid)) > 1:
             time.sleep(0.1)
 
+    def log_size(self) -> int:
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def log_errors(self, since: int) -> list[str]:
+        """Lines the server logged as errors since byte offset SINCE (shown, never hidden)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(since)
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        marks = ("ERROR", "Error:", "Fatal:", "Panic:", "Traceback")
+        return [line for line in text.splitlines() if any(m in line for m in marks)]
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             with open(self.log_path, errors="replace") as fh:

@@ -244,3 +244,19 @@ def test_disconnect_mid_retr_leaves_worker_healthy(server):
     again.quit()
     assert server.worker_pids() == pids
     assert "Traceback" not in server.output
+
+
+def test_pipelined_batch_gets_every_reply_in_order(server):
+    """RFC 2449 PIPELINING: a batch sent in one write gets one reply per command, in order."""
+    raw = server.raw()
+    raw.line()
+    batch = [f"USER alice", f"PASS {USERS['alice']}"] + ["NOOP", "STAT", "LIST 1"] * 40 + ["UIDL 2"]
+    raw.send(("\r\n".join(batch) + "\r\n").encode())
+    assert raw.line() == R.PASSWORD_REQUIRED.format(user="alice").encode()
+    assert raw.line() == R.LOGIN_OK.encode()
+    for _ in range(40):
+        assert raw.line() == b"+OK"
+        assert raw.line().startswith(b"+OK 3 ")
+        assert raw.line().startswith(b"+OK 1 ")
+    assert raw.line().startswith(b"+OK 2 ")
+    assert raw.command("QUIT").startswith(b"+OK")

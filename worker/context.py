@@ -81,10 +81,14 @@ class ServerContext:
         """
         account = self.users.get(user)
         stored = account.password if account else getattr(self.users, "dummy", passwords.DUMMY)
-        good = self._run_blocking(passwords.verify, stored, password)
+        good = self.offload(passwords.verify, stored, password)
         if not good or account is None or not account.accessible:
             return None
         return account
+
+    def offload(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work (hashing, a maildrop scan) where it stalls no other session."""
+        return self._run_blocking(function, *args)
 
     def apop_timestamp(self) -> str:
         """A greeting timestamp unique to this session (RFC 1939 section 7)."""

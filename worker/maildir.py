@@ -105,10 +105,14 @@ class Maildrop:
     def lock(self) -> None:
         """Take the session lock; flock is per open file, so it holds across workers and
         between two sessions of one worker, and dies with the process that holds it."""
+        lock_path = os.path.join(self.path, LOCK_NAME)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
-            ensure_maildir(self.path)
-            fd = os.open(os.path.join(self.path, LOCK_NAME),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(lock_path, flags, 0o600)
+            except FileNotFoundError:  # a user's first login: make the Maildir
+                ensure_maildir(self.path)
+                fd = os.open(lock_path, flags, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
         try:

@@ -477,7 +477,7 @@ def _measured(measure: Callable[..., Any], fh: BinaryIO, record: Record,
     examine-a-stream step is used directly, keyed by UIDL, CRC and stored length.
     """
     rewriter = getattr(measure, "__self__", None)
-    examine = getattr(rewriter, "examine", None) or getattr(rewriter, "_examine", None)
+    examine = getattr(rewriter, "examine", None)
     if examine is None:
         raise TypeError(f"cannot measure mbox messages with {measure!r}")
     key = (f"mbox:{uid}", record.crc, record.end - record.start, 0)

@@ -294,8 +294,9 @@ class Session:
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
         try:
-            self.messages = maildrop.scan(self.ctx.settings.maxmsg,
-                                          rewrite.rewriter_for(self.ctx).measure)
+            # A first scan of a big maildrop reads files: off the event loop, like hashing.
+            self.messages = self.ctx.offload(maildrop.scan, self.ctx.settings.maxmsg,
+                                             rewrite.rewriter_for(self.ctx).measure)
         except OSError as exc:
             maildrop.unlock()
             self.log.error("user %s: cannot read maildrop: %s", user, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -182,21 +183,25 @@ class MemoryCache:
     def __init__(self, limit: int = CACHE_ENTRIES):
         self.limit = limit
         self._entries: OrderedDict[CacheKey, tuple[int, bool]] = OrderedDict()
+        # Scans run in the worker's thread pool, several at once: the LRU moves need a lock.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: CacheKey) -> tuple[int, bool] | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
 
     def put(self, key: CacheKey, value: tuple[int, bool]) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.limit:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            if len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
 
 
 # -- the rewriter -----------------------------------------------------------------------------
@@ -272,12 +277,12 @@ class Rewriter:
         if cached is not None:
             return cached
         with open(path, "rb") as fh:
-            value = self._examine(fh)
+            value = self.examine(fh)
         self.files_read += 1
         self.cache.put(key, value)
         return value
 
-    def _examine(self, fh: BinaryIO) -> tuple[int, bool]:
+    def examine(self, fh: BinaryIO) -> tuple[int, bool]:
         header, rest = read_head(fh)
         foreign = not header or b"\0" in header
         length = lf = crlfs = 0
