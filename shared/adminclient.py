@@ -3,7 +3,8 @@
 Asks ``IUPOP3 Node(s) >``, ``Username >``, ``Password >`` and ``XTND command >`` like the 1994
 script, or takes them as positional arguments: ``iupop3-xtnd "node1 node2:1110" user password
 "loglevel debug"``. Each node's answer is printed under its name; ``stats`` over several nodes
-adds a table with a summed column. Exit status: 0 all nodes said +OK, 1 some did not, 2 bad input.
+adds a table with a summed column. The password travels in TLS whenever the server offers STLS
+(or with --tls). Exit status: 0 all nodes said +OK, 1 some did not, 2 bad input.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import getpass
 import poplib
 import re
+import ssl
 import sys
 import warnings
 from collections.abc import Sequence
@@ -85,16 +87,54 @@ def check_user(text: str) -> str:
 
 
 # -- talking to a node ------------------------------------------------------------------------
-def connect(node: Node, timeout: float) -> poplib.POP3:
-    """Open the POP3 connection; the one place STLS or POP3-over-TLS will be added."""
-    return poplib.POP3(node.host, node.port, timeout=timeout)
+@dataclass(frozen=True)
+class TlsOptions:
+    """How to secure the connection: STLS whenever offered, or implicit TLS (port 995)."""
+
+    implicit: bool = False
+    cafile: str | None = None  # trust this certificate (a site's own CA or self-signed cert)
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.cafile)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
-def run_on(node: Node, user: str, password: str, command: str, timeout: float) -> Answer:
+def connect(node: Node, timeout: float, tls: TlsOptions = TlsOptions()) -> poplib.POP3:
+    """Open the POP3 connection, in TLS when the server offers STLS (or with implicit TLS)."""
+    if tls.implicit:
+        return poplib.POP3_SSL(node.host, node.port, timeout=timeout, context=tls.context())
+    client = poplib.POP3(node.host, node.port, timeout=timeout)
+    try:
+        offered = client.capa()
+    except poplib.error_proto:
+        offered = {}
+    if "STLS" in offered:
+        try:
+            client.stls(tls.context())
+        except (OSError, poplib.error_proto):
+            try:
+                client.close()
+            except OSError:
+                pass  # the failed handshake may have closed the socket already
+            raise
+    return client
+
+
+def run_on(node: Node, user: str, password: str, command: str, timeout: float,
+           tls: TlsOptions = TlsOptions()) -> Answer:
     """Log in, run ``XTND command``, QUIT; every failure becomes a not-ok answer."""
     multiline = command.split()[0].lower() == "stats"
     try:
-        client = connect(node, timeout)
+        client = connect(node, timeout, tls)
+    except ssl.SSLError as exc:
+        return Answer(node, False, [f"TLS failed: {exc.reason or exc} "
+                                    "(--cafile FILE trusts a site certificate)"])
+    except poplib.error_proto as exc:
+        return Answer(node, False, [f"STLS refused: {exc}"])
     except OSError as exc:
         return Answer(node, False, [f"cannot connect: {exc.strerror or exc}"])
     try:
@@ -193,6 +233,12 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("command", nargs="*", help='e.g. "loglevel debug"')
     parser.add_argument("-t", "--timeout", type=float, default=30.0,
                         help="seconds to wait for each node (default 30)")
+    parser.add_argument("--tls", action="store_true",
+                        help="implicit TLS (give the TLS port, e.g. host:995); without it, "
+                             "STLS is used whenever the server offers it")
+    parser.add_argument("--cafile", help="trust the certificates in this PEM file")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's certificate")
     return parser.parse_args(argv)
 
 
@@ -220,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if not (args.nodes and args.command) and not sys.stdin.isatty():
         print()  # the prompts echoed no line end: start the answers on a line of their own
-    answers = [run_on(node, user, password, command, args.timeout) for node in nodes]
+    tls = TlsOptions(args.tls, args.cafile, not args.insecure)
+    answers = [run_on(node, user, password, command, args.timeout, tls) for node in nodes]
     print("\n".join(report(answers, command)), flush=True)
     return 0 if all(a.ok for a in answers) else 1
 

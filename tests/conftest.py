@@ -70,6 +70,16 @@ def sample(n: int, body: str = "") -> str:
             f"Message-ID: <{n}@example.org>\n\n{body or f'Body of message {n}.'}\n")
 
 
+def make_cert(folder, name: str = "server", cn: str = "localhost"):
+    """A self-signed certificate for 127.0.0.1 and localhost, made by the openssl command."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 class Server:
     """A running iupop3 started by a test; ``stop`` ends it and its workers."""
 

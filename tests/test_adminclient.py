@@ -233,3 +233,28 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "XTND" in result.stdout
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="no openssl command")
+def test_admin_client_uses_stls_and_implicit_tls(start_server, tmp_path):
+    """The password travels in TLS: STLS when offered, --tls on the implicit-TLS port."""
+    from conftest import make_cert
+
+    cert, key = make_cert(tmp_path)
+    auth = tmp_path / "pop_xtnd.dat"
+    auth.write_text("stats alice\n")
+    server = start_server("-xtnd", str(auth), "-tls-cert", str(cert), "-tls-key", str(key))
+    tls_port = int(server.wait_for(r"implicit TLS listening on 127\.0\.0\.1:(\d+)").group(1))
+    base = [*CLIENT, "--cafile", str(cert)]
+    stls = subprocess.run([*base, f"127.0.0.1:{server.port}", "alice", USERS["alice"], "stats"],
+                          env=ENV, capture_output=True, text=True, timeout=60)
+    assert stls.returncode == 0, stls.stdout + stls.stderr
+    assert statsreport.HEADER in stls.stdout
+    implicit = subprocess.run([*base, "--tls", f"127.0.0.1:{tls_port}", "alice",
+                               USERS["alice"], "stats"], env=ENV, capture_output=True,
+                              text=True, timeout=60)
+    assert implicit.returncode == 0, implicit.stdout + implicit.stderr
+    assert server.output.count("TLS started") >= 2
+    untrusted = subprocess.run([*CLIENT, f"127.0.0.1:{server.port}", "alice", USERS["alice"],
+                                "stats"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert untrusted.returncode == 1 and "TLS failed" in untrusted.stdout

@@ -15,20 +15,10 @@ import warnings
 
 import pytest
 
-from conftest import ROOT, USERS
+from conftest import ROOT, USERS, make_cert
 from worker import replies as R
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
-
-
-def make_cert(folder, name: str = "server", cn: str = "localhost"):
-    """A self-signed certificate for 127.0.0.1 and localhost, made by the openssl command."""
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 def client_context(cert) -> ssl.SSLContext:
