@@ -90,7 +90,7 @@ def docs(args: list[str]) -> int:
 
 
 def bench(args: list[str]) -> int:
-    ensure_venv("test")
+    ensure_venv("test,bench")
     return subprocess.run([str(PY), str(ROOT / "bench" / "run.py"), *args], cwd=ROOT).returncode
 
 

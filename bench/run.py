@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_profile(bench, servers[0], args.out, stamp)
 
+    load_at_start = os.getloadavg()[0]
     mode = "quick" if args.quick else "full" if args.full else "default"
     print(f"bench: {mode} run of {', '.join(args.only)} against "
           f"{' and '.join(s.name for s in servers)}; load average "
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.table(rows, runs, names))
     document = {"stamp": stamp, "mode": mode, "rounds": args.rounds, "seconds": round(time.time() - began, 1),
-                "machine": machine_info(), "plan": vars(plan),
+                "machine": machine_info(), "load_average_at_start": load_at_start,
+                "plan": vars(plan),
                 "servers": {"iupop3": {"version": iupop3_version(), "workers": args.workers},
                             "dovecot": {"version": peer_note, "reuse": args.dovecot_reuse}},
                 "rows": rows, "runs": runs}
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(path, document)
     print(f"\nresults: {path}")
     title = (f"iupop3 / Dovecot, {mode} run {stamp} on {os.cpu_count()} CPUs "
-             f"(load {os.getloadavg()[0]:.1f})")
+             f"(load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)")
     print(report.write_chart(path[:-5] + ".png", rows, title))
     print(f"bench: done in {time.time() - began:.0f}s")
     # The mail goes (it can be hundreds of MB); configs and server logs stay for a look.

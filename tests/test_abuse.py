@@ -5,8 +5,6 @@ from __future__ import annotations
 import poplib
 import time
 
-import pytest
-
 from conftest import USERS
 from shared import refusal
 from worker import replies as R
@@ -91,18 +89,22 @@ def test_block_expires_after_window(start_server):
     client.quit()
 
 
-@pytest.mark.parametrize("count", [6])
-def test_unknown_user_costs_what_a_known_one_costs(start_server, tmp_path, count):
-    """With hashed passwords, a wrong password and an unknown user take about the same time."""
-    from shared.passwords import hash_password
+def test_unknown_user_checked_against_a_hash_of_the_same_cost(start_server, tmp_path):
+    """Unknown users are verified against a dummy of the site's scheme and cost, so a wrong
+    password and an unknown name cost alike (the timing check is loose: machines are noisy)."""
+    from shared.passwords import cost_of, hash_password
+    from shared.users import parse_users
 
+    stored = hash_password("secret", "SHA512-CRYPT")
+    users = parse_users(f"alice:{stored}::::::\n")
+    assert cost_of(users.dummy) == cost_of(stored)
     root = tmp_path / "hashed"
     root.mkdir()
-    (root / "users").write_text(f"alice:{hash_password('secret', 'SHA512-CRYPT')}::::::\n")
+    (root / "users").write_text(f"alice:{stored}::::::\n")
     server = start_server("-auth-delay", "0", "-auth-block", "0", root=root,
                           users={"alice": "secret"})
+    count = 8
     known = sorted(_fail_login(server, "alice")[1] for _ in range(count))
     unknown = sorted(_fail_login(server, "nobody")[1] for _ in range(count))
     median_known, median_unknown = known[count // 2], unknown[count // 2]
-    assert median_unknown > 0.5 * median_known, (known, unknown)
-    assert median_known > 0.5 * median_unknown, (known, unknown)
+    assert 0.25 < median_unknown / median_known < 4, (known, unknown)

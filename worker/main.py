@@ -112,10 +112,9 @@ class Worker:
             self.ctx.reload_tls()
 
     def serve(self, connection: Connection) -> None:
-        # RECEIVED counts only once the greenlet runs, in the same step as serve's CURRENT + 1:
-        # the supervisor's load (CURRENT + handed off but not received) then never misses a
-        # session that waits for its greenlet, so Max Threads and -maxclients stay exact.
-        self.stats.add(self.slot, Counter.RECEIVED)
+        # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
+        # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
+        # never misses a session that waits for its greenlet, so -maxclients stays exact.
         connection.serve()
 
     def tell_supervisor(self, kind: Kind, argument: int = 0) -> bool:
