@@ -220,6 +220,12 @@ def verify(stored: str, password: bytes) -> bool:
         return False  # malformed hash (passlib, base64, hex and argon2 all raise ValueError kin)
 
 
+def is_cheap(stored: str) -> bool:
+    """Whether verifying costs microseconds (PLAIN, plain digests): no thread hop is worth it."""
+    scheme, _, _ = parse(stored)
+    return scheme == "PLAIN" or scheme in _DIGESTS
+
+
 def plain_secret(stored: str) -> bytes | None:
     """The password itself for a {PLAIN} entry (APOP needs it), else None."""
     try:

@@ -257,3 +257,24 @@ def test_demo_quick_start_with_curl(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+def test_sighup_reloads_users_file_and_keeps_it_on_error(server):
+    """SIGHUP re-reads the users file; a broken file keeps the accounts in use."""
+    with open(server.users_file, "a") as fh:
+        fh.write("dave:{PLAIN}d4ve::::::\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for("worker-1 .*users file reloaded: 4 accounts", start=mark)
+    server.wait_for("worker-2 .*users file reloaded: 4 accounts", start=mark)
+    for _ in range(2):  # both workers
+        client = server.pop()
+        client.user("dave")
+        client.pass_("d4ve")
+        client.quit()
+    server.users_file.write_text("broken line without a password field\n")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"ERROR .*line 1.*keeping the previous users", start=mark)
+    client = server.login("alice")
+    client.quit()

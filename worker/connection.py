@@ -7,12 +7,13 @@ connection, the socket closed in one ``finally``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import ssl
 import time
 
-from gevent import GreenletExit
+from gevent import GreenletExit, Timeout
 
 from shared import keytable
 from shared.handoff import Kind
@@ -45,6 +46,7 @@ def peer_address(sock: socket.socket) -> str:
     return address[0] if isinstance(address, tuple) else ""
 
 
+@functools.lru_cache(maxsize=4096)  # the same few addresses come back all day
 def is_loopback(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -73,7 +75,9 @@ class Connection:
     def _start_tls(self) -> None:
         """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
         context = self.ctx.tls_context
-        self.sock = context.wrap_socket(self.sock, server_side=True)
+        # The whole handshake is bounded, not each read: a trickled ClientHello is a slowloris.
+        with Timeout(self.ctx.settings.timeout, TimeoutError("TLS handshake too slow")):
+            self.sock = context.wrap_socket(self.sock, server_side=True)
         failures = self.session.failures
         self.session = self._new_session(secure=True)
         self.session.failures = failures  # STLS must not reset the login-attempt budget
@@ -88,7 +92,7 @@ class Connection:
             if sent < len(data):
                 # The client does not read as fast as we write: IUPOP3's "Blocked Socket Count".
                 self.ctx.count(Counter.BLOCKED)
-                self.sock.sendall(data[sent:])
+                self.sock.sendall(memoryview(data)[sent:])
         except TimeoutError:
             raise
         except OSError as exc:

@@ -17,7 +17,7 @@ from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
 from shared.tlsconfig import TlsConfigError, server_context
-from shared.users import Account
+from shared.users import Account, UsersFileError, load_users
 from shared.version import VERSION
 from shared.xtndauth import NOBODY, XtndAuth
 from worker import sasl
@@ -72,6 +72,16 @@ class ServerContext:
         except TlsConfigError as exc:
             log.error("%s; keeping the previous certificate", exc)
 
+    def reload_users(self) -> None:
+        """Re-read the users file; one that fails to load keeps the accounts in use now."""
+        try:
+            users = load_users(self.settings.users)
+        except UsersFileError as exc:
+            log.error("%s; keeping the previous users", exc)
+            return
+        self.users = users  # one assignment: a session sees the old table or the new one
+        log.info("users file reloaded: %d accounts", len(users))
+
     # -- authentication ---------------------------------------------------------------------
     def authenticate(self, user: str, password: bytes) -> Account | None:
         """The account if the password is right and the account accessible, else None.
@@ -81,7 +91,10 @@ class ServerContext:
         """
         account = self.users.get(user)
         stored = account.password if account else getattr(self.users, "dummy", passwords.DUMMY)
-        good = self.offload(passwords.verify, stored, password)
+        if passwords.is_cheap(stored):
+            good = passwords.verify(stored, password)
+        else:  # crypt, bcrypt, argon2: milliseconds, in a thread that releases the GIL
+            good = self.offload(passwords.verify, stored, password)
         if not good or account is None or not account.accessible:
             return None
         return account

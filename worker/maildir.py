@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,13 @@ class Message:
 
 # (path, unique name) -> (size as served, foreign?); worker.rewrite.Rewriter.measure is one.
 Measure = Callable[[str, str], tuple[int, bool]]
+
+# The last scan of each maildrop in this worker, by its folders' mtimes: a second session sees
+# the same list without a stat per message. Maildir files never change in place (RFC-less but
+# universal Maildir rule), so unchanged folders mean unchanged messages.
+_SCANS: dict[str, tuple[tuple[int, int], Measure, list]] = {}
+_SCAN_CACHE_SIZE = 1024
+_SETTLED_NS = 1_000_000_000
 
 
 def uid_for(base: str) -> str:
@@ -131,6 +139,33 @@ class Maildrop:
 
     def scan(self, maxmsg: int = 0, measure: Measure = plain_measure) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
+        stamps = self._folder_stamps()
+        cached = _SCANS.get(self.path)
+        if cached is not None and cached[0] == stamps and cached[1] == measure:
+            entries = cached[2]  # new/ and cur/ unchanged since: same files, same sizes
+        else:
+            entries = self._measure_all(measure)
+            # A folder changed within the last second may change again within the same
+            # mtime tick; only older stamps prove that a later change will show.
+            settled = time.time_ns() - _SETTLED_NS
+            if stamps is not None and max(stamps) < settled:
+                if len(_SCANS) >= _SCAN_CACHE_SIZE:
+                    _SCANS.pop(next(iter(_SCANS)), None)
+                _SCANS[self.path] = (stamps, measure, entries)
+        if maxmsg:
+            entries = entries[:maxmsg]
+        return [Message(index, uid, size, path, base, foreign)
+                for index, (uid, size, path, base, foreign) in enumerate(entries)]
+
+    def _folder_stamps(self) -> tuple[int, int] | None:
+        try:
+            return (os.stat(os.path.join(self.path, "new")).st_mtime_ns,
+                    os.stat(os.path.join(self.path, "cur")).st_mtime_ns)
+        except FileNotFoundError:
+            return None
+
+    def _measure_all(self, measure: Measure) -> list[tuple[str, int, str, str, bool]]:
+        """(uid, size, path, base, foreign) of every message, oldest first."""
         found: list[tuple[int, str, str, str]] = []
         for sub in ("new", "cur"):
             folder = os.path.join(self.path, sub)
@@ -144,9 +179,7 @@ class Maildrop:
                 base = name.split(":", 1)[0]
                 found.append((_delivery_time(folder, name), base, sub, name))
         found.sort()
-        if maxmsg:
-            found = found[:maxmsg]
-        messages = []
+        entries = []
         for when, base, sub, name in found:
             path = os.path.join(self.path, sub, name)
             try:
@@ -157,8 +190,8 @@ class Maildrop:
                     size, foreign = measure(path, base)
                 except FileNotFoundError:
                     continue  # removed since the listing
-            messages.append(Message(len(messages), uid_for(base), size, path, base, foreign))
-        return messages
+            entries.append((uid_for(base), size, path, base, foreign))
+        return entries
 
     def open_message(self, message: Message):
         """A binary file of the stored message; it may have moved new/ -> cur/ meanwhile."""

@@ -110,6 +110,7 @@ class Worker:
             log.info("reload requested")
             self.reloader.reload("reload request")
             self.ctx.reload_tls()
+            self.ctx.reload_users()
 
     def serve(self, connection: Connection) -> None:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in

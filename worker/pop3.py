@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
 SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024  # fewer, larger sends: each send on loopback also runs the receive path
 _USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._@+-]{0,63}")
 
 
@@ -456,6 +456,10 @@ class Session:
     def _open(self, message: Message):
         try:
             return self.maildrop.open_message(message)
+        except TimeoutError as exc:  # an mbox spool locked by another program for too long
+            self.log.error("cannot lock for message %s: %s", message.uid, exc)
+            self.reply(R.MAILDROP_UNAVAILABLE)
+            return None
         except OSError as exc:
             self.log.error("cannot read message %s: %s", message.uid, exc)
             self.reply(R.NO_SUCH_MESSAGE)

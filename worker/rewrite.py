@@ -21,7 +21,7 @@ from worker.maildir import FOREIGN_FOLDER
 if TYPE_CHECKING:
     from worker.context import ServerContext
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 HEADER_LIMIT = 1024 * 1024    # a longer header block is cut at its last whole line
 CACHE_ENTRIES = 50_000        # about 500 bytes each: 25 MB at most per worker
 

@@ -30,11 +30,16 @@ class DotStuffer:
         if not chunk:
             return b""
         # Bare LF -> CRLF exactly once; a CRLF stays one CRLF, a bare CR stays as it is.
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self.at_line_start and data.startswith(b"."):
+        # Each pass copies the chunk, so a pass runs only where a (memchr-fast) search says
+        # it changes something: a typical LF-only message costs one copy.
+        if b"\r\n" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = chunk.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
+        if self.at_line_start and data[:1] == b".":
             data = b"." + data
-        self.at_line_start = data.endswith(b"\n")
+        self.at_line_start = data[-1:] == b"\n"
         return data
 
     def finish(self) -> bytes:
