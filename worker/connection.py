@@ -59,6 +59,11 @@ class Connection:
     def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str,
                  implicit_tls: bool = False):
         self.sock = sock
+        try:  # RFC 2449 pipelining: with Nagle each reply after the first of a batch waited
+            # for the client's delayed ACK, 40 ms a batch; our writes are whole replies anyway.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP
         self.ctx = ctx
         self.session_id = session_id
         self.implicit_tls = implicit_tls

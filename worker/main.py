@@ -160,6 +160,22 @@ class Worker:
             gevent.sleep(TICK_SECONDS)
 
 
+def in_threadpool(hub, function, *args):
+    """``function(*args)`` in gevent's threadpool; its exception is raised here, in the calling
+    greenlet, and only here: gevent would also print it to stderr with a traceback, as if it
+    were a crash (an ENOSPC from an mbox scan did: tests/test_faults.py)."""
+    def call():
+        try:
+            return function(*args), None
+        except Exception as exc:  # the caller handles it (or logs it with the session id)
+            return None, exc
+
+    result, error = hub.threadpool.apply(call)
+    if error is not None:
+        raise error
+    return result
+
+
 def main(argv: list[str]) -> int:
     slot = int(argv[0])
     settings = settings_mod.from_json(os.environ["IUPOP3_SETTINGS"])
@@ -177,7 +193,7 @@ def main(argv: list[str]) -> int:
         return 1
     hub = gevent.get_hub()
     ctx = ServerContext(settings, stats, slot, users,
-                        run_blocking=lambda f, *a: hub.threadpool.apply(f, a),
+                        run_blocking=lambda f, *a: in_threadpool(hub, f, *a),
                         sleep=gevent.sleep)
     worker = Worker(slot, settings, stats, ctx)
     worker.handler = handler

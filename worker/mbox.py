@@ -96,6 +96,11 @@ class DotLock:
                 try:
                     os.write(fd, f"{os.getpid()}\n".encode())
                     self._inode = os.fstat(fd).st_ino
+                except OSError:
+                    # ENOSPC: an empty lock names no pid, so it would look alive for
+                    # STALE_SECONDS and stall every reader and delivery (tests/test_faults.py).
+                    os.unlink(self.path)
+                    raise
                 finally:
                     os.close(fd)
                 self._touched = time.monotonic()

@@ -456,13 +456,14 @@ class Session:
     def _open(self, message: Message):
         try:
             return self.maildrop.open_message(message)
-        except TimeoutError as exc:  # an mbox spool locked by another program for too long
-            self.log.error("cannot lock for message %s: %s", message.uid, exc)
-            self.reply(R.MAILDROP_UNAVAILABLE)
-            return None
-        except OSError as exc:
+        except FileNotFoundError as exc:  # removed by another program since the scan
             self.log.error("cannot read message %s: %s", message.uid, exc)
             self.reply(R.NO_SUCH_MESSAGE)
+            return None
+        except OSError as exc:  # a spool locked too long (TimeoutError), a full disk for the
+            # mbox dot-lock: the message is there, so [SYS/TEMP], not "no such message"
+            self.log.error("cannot lock or read for message %s: %s", message.uid, exc)
+            self.reply(R.MAILDROP_UNAVAILABLE)
             return None
 
     def pop_DELE(self, rest: bytes) -> None:

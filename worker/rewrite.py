@@ -294,7 +294,9 @@ class Rewriter:
                 break  # its body is never sent: no need to read on
             length += len(chunk)
             lf += chunk.count(b"\n")
-            crlfs += chunk.count(b"\r\n") + (prev_cr and chunk[0] == 10)
+            if b"\r" in chunk:  # memchr first: counting a two-byte needle is ~20x slower
+                crlfs += chunk.count(b"\r\n")
+            crlfs += prev_cr and chunk[0] == 10
             prev_cr = chunk[-1] == 13
             last = chunk[-1]
         if foreign:

@@ -30,9 +30,10 @@ class DotStuffer:
         if not chunk:
             return b""
         # Bare LF -> CRLF exactly once; a CRLF stays one CRLF, a bare CR stays as it is.
-        # Each pass copies the chunk, so a pass runs only where a (memchr-fast) search says
-        # it changes something: a typical LF-only message costs one copy.
-        if b"\r\n" in chunk:
+        # Each pass copies the chunk, so the CRLF pass runs only when a CR is there at all
+        # (a one-byte search is memchr, ~25 GB/s; a two-byte one ~0.7): a typical LF-only
+        # message costs one search for "\n." and one copy.
+        if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
         data = chunk.replace(b"\n", b"\r\n")
         if b"\n." in data:
