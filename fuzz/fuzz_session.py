@@ -22,7 +22,6 @@ with atheris.instrument_imports():
     from shared import settings as settings_mod
     from shared.stats import StatsArea
     from shared.users import parse_users
-    from worker import sasl, wire
     from worker.context import ServerContext
     from worker.pop3 import Session
 

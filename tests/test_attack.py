@@ -1,5 +1,6 @@
 """Attacks the server must survive (issue 5): slow and silent clients by the thousand,
-connection floods past -maxclients, and user names that try to leave the mail root.
+connection floods past -maxclients, TLS on the plain port and plain text on the TLS port, and
+user names that try to leave the mail root.
 
 Each test prints its figures (connections held, latencies, memory, attempts) for the README's
 Security section; run with ``pytest -s`` to see them, and with ``--long`` for the full sizes.
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import poplib
 import re
 import resource
 import selectors
+import shutil
 import socket
+import ssl
 import statistics
 import threading
 import time
@@ -135,6 +137,32 @@ class Crowd:
         for peer in self.peers:
             if peer.closed_at is None:
                 peer.sock.close()
+
+
+# -- helpers for the garbage tests (test_fuzz.py imports them) ------------------------------
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def read_all(sock: socket.socket, limit: float = 15.0) -> bytes:
+    """Everything the server sends until it closes (bounded by ``limit`` seconds)."""
+    sock.settimeout(limit)
+    chunks = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break  # a close with our junk unread: a close all the same
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def no_control_characters_logged(server) -> None:
+    """A client's NUL, CR or escape bytes never reach the log raw (CWE-117)."""
+    bad = [line for line in server.output.splitlines() if CONTROL.search(line)]
+    assert not bad, bad[:5]
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -272,7 +300,7 @@ def _crowd_state(crowd: Crowd) -> str:
             f"{sorted({p.error for p in crowd.peers if p.error})}")
 
 
-# -- floods ------------------------------------------------------------------------------------------
+# -- floods --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("limit, burst", [
     pytest.param(50, 400, id="ci"),
     pytest.param(500, 4000, id="full", marks=pytest.mark.long),
@@ -317,10 +345,91 @@ def test_connection_burst_past_maxclients(start_server, limit, burst):
     assert_healthy(server)
 
 
-# -- user names that try to leave the mail root ----------------------------------------------------
+# -- the wrong protocol on a port ---------------------------------------------------------------
+def client_hello() -> bytes:
+    """The first flight of a real TLS client, made by the ssl module into memory."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_handshake_on_the_plain_port(server):
+    """A TLS ClientHello on the plain port is just bad lines: -ERR replies, then QUIT works."""
+    hello = client_hello()
+    raw = server.raw()
+    raw.line()
+    raw.send(hello + b"\r\nQUIT\r\n")
+    replies = read_all(raw.sock).split(b"\r\n")[:-1]
+    assert replies[-1].startswith(b"+OK") and b"signing off" in replies[-1]
+    assert all(r.startswith(b"-ERR") for r in replies[:-1]), replies
+    print(f"\nClientHello on the plain port: {len(hello)} octets, {len(replies) - 1} -ERR replies")
+    assert_healthy(server)
+    no_control_characters_logged(server)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_plain_text_on_the_tls_port(start_server, tmp_path):
+    """Plain POP3 or random bytes on the implicit-TLS port end the connection (TLS failed); a
+    handshake that stalls or trickles is cut at -timeout; real TLS clients are unaffected."""
+    from test_tls import client_context, make_cert
+
+    cert, key = make_cert(tmp_path)
+    server = start_server("-tls-cert", str(cert), "-tls-key", str(key), "-timeout", "2")
+    port = int(server.wait_for(r"implicit TLS listening on 127\.0\.0\.1:(\d+)").group(1))
+    for junk in (b"USER alice\r\nPASS wonderland\r\n", bytes(range(256)) * 4, b"\r\n" * 100):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(junk)
+        started = time.monotonic()
+        answer = read_all(sock, 10)
+        assert time.monotonic() - started < 5
+        assert b"+OK" not in answer and b"USER" not in answer
+        sock.close()
+    hello = client_hello()
+    for trickle in (False, True):  # half a ClientHello, then silence or one byte a second
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(hello[:len(hello) // 2])
+        started = time.monotonic()
+        sock.settimeout(0.9)
+        closed = False
+        for n in range(12):  # bounded: the server must close long before
+            if trickle:
+                try:
+                    sock.sendall(hello[len(hello) // 2 + n:len(hello) // 2 + n + 1])
+                except OSError:
+                    closed = True
+                    break
+            try:
+                if sock.recv(4096) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        waited = time.monotonic() - started
+        sock.close()
+        assert closed and waited < 6, (trickle, waited)
+    good = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = client_context(cert).wrap_socket(good, server_hostname="localhost")
+    assert tls.recv(4096).startswith(b"+OK IUPOP3")
+    tls.close()
+    assert server.output.count("TLS failed") >= 3
+    print("\nplain text on the TLS port: 3 kinds of junk refused, stalled and trickled"
+          " handshakes cut at -timeout 2")
+    assert_healthy(server)
+
+
+# -- user names that try to leave the mail root ------------------------------------------------
 BAD_NAMES = ["..", "../escape", "../../etc/passwd", "/tmp/abs", "sub/dir", ".hidden",
              "a\x00b", "\x00", "ctl\x01x", "tab\tname", "esc\x1b[0m", "del\x7f",
-             "x" * 65, "y" * 200, "%2e%2e", "~root", "a\\b", "\u212a../x"]
+             "x" * 65, "y" * 200, "%2e%2e", "~root", "a\\b", "\u212a../x", "\u212aelvin",
+             "caf\u00e9"]
 # Users the users file really has, so only the wire check stands between them and the disk.
 ESCAPING_USERS = {"..": "pw", "../escape": "pw", "../../etc/passwd": "pw", "/tmp/abs": "pw",
                   "sub/dir": "pw", ".hidden": "pw", "%2e%2e": "pw", "~root": "pw",

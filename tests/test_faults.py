@@ -159,7 +159,7 @@ def test_kill_9_in_the_middle_of_update(start_server, purge):
     assert "Traceback" not in server.output
 
 
-# -- a full disk ------------------------------------------------------------------------------------
+# -- a full disk --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def tmpfs(where: Path, size: str, inodes: int = 0):
     """A small tmpfs at ``where`` for the test's duration (skips where mount is refused)."""

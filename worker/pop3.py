@@ -25,7 +25,14 @@ if TYPE_CHECKING:
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
 SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
 _CHUNK = 256 * 1024  # fewer, larger sends: each send on loopback also runs the receive path
-_USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._@+-]{0,63}")
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
+
+
+def user_name(raw: str) -> str | None:
+    """The folded user name, or None for one that could name a path or fool a log: only
+    ASCII letters, digits and ``._@+-``, at most 64, checked before folding (a Kelvin sign
+    folds to "k")."""
+    return raw.lower() if raw.isascii() and _USER_NAME.fullmatch(raw) else None
 
 
 class ConnectionLost(Exception):
@@ -164,8 +171,8 @@ class Session:
         if not self.cleartext_allowed():
             self.reply(R.CLEARTEXT_REFUSED)
             return
-        name = args[0].lower()
-        if not _USER_NAME.fullmatch(name):
+        name = user_name(args[0])
+        if name is None:
             self.user = None
             self.reply(R.BAD_USER_NAME)
             return
@@ -187,8 +194,8 @@ class Session:
         if not self.apop_timestamp:
             self.reply(R.APOP_UNAVAILABLE)
             return
-        name, digest = args[0].lower(), args[1]
-        if not _USER_NAME.fullmatch(name):
+        name, digest = user_name(args[0]), args[1]
+        if name is None:
             self.reply(R.BAD_USER_NAME)
             return
         self._login(name, lambda: self.ctx.authenticate_apop(name, self.apop_timestamp, digest))
@@ -239,10 +246,11 @@ class Session:
             return
         decoded = sasl.decode_b64(response)
         credentials = sasl.plain_credentials(decoded) if decoded is not None else None
-        if credentials is None or not _USER_NAME.fullmatch(credentials[0].lower()):
+        user = user_name(credentials[0]) if credentials is not None else None
+        if user is None:
             self._sasl_failed(None)
             return
-        user, password = credentials[0].lower(), credentials[1]
+        password = credentials[1]
         self._login(user, lambda: self.ctx.authenticate(user, password), R.SASL_FAILED)
 
     def _auth_login_user(self, response: bytes) -> None:
@@ -251,10 +259,10 @@ class Session:
             return
         decoded = sasl.decode_b64(response)
         try:
-            user = decoded.decode("utf-8").lower() if decoded is not None else ""
+            user = user_name(decoded.decode("utf-8")) if decoded is not None else None
         except UnicodeDecodeError:
-            user = ""
-        if not _USER_NAME.fullmatch(user):
+            user = None
+        if user is None:
             self._sasl_failed(None)
             return
         self._challenge(sasl.LOGIN_PASSWORD_PROMPT,
