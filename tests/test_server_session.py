@@ -250,7 +250,7 @@ def test_pipelined_batch_gets_every_reply_in_order(server):
     """RFC 2449 PIPELINING: a batch sent in one write gets one reply per command, in order."""
     raw = server.raw()
     raw.line()
-    batch = [f"USER alice", f"PASS {USERS['alice']}"] + ["NOOP", "STAT", "LIST 1"] * 40 + ["UIDL 2"]
+    batch = ["USER alice", f"PASS {USERS['alice']}"] + ["NOOP", "STAT", "LIST 1"] * 40 + ["UIDL 2"]
     raw.send(("\r\n".join(batch) + "\r\n").encode())
     assert raw.line() == R.PASSWORD_REQUIRED.format(user="alice").encode()
     assert raw.line() == R.LOGIN_OK.encode()

@@ -106,6 +106,22 @@ def ensure_maildir(path: str) -> None:
         os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
 
+def session_flock(fd: int, maildrop: str) -> int:
+    """Lock ``fd`` for a session or close it and raise MaildropBusy / MaildropError.
+
+    flock belongs to the open file, not the process: it holds between two sessions of one
+    worker as well as across workers, and the kernel drops it when its holder dies.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise MaildropBusy(maildrop) from None
+        raise MaildropError(f"cannot lock maildrop {maildrop}: {exc.strerror}") from None
+    return fd
+
+
 class Maildrop:
     """One user's Maildir, locked for the lifetime of a POP3 session."""
 
@@ -128,14 +144,7 @@ class Maildrop:
                 fd = os.open(lock_path, flags, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise MaildropBusy(self.path) from None
-            raise MaildropError(f"cannot lock maildrop {self.path}: {exc.strerror}") from None
-        self._lock_fd = fd
+        self._lock_fd = session_flock(fd, self.path)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

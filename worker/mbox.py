@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from shared.logsetup import log
-from worker.maildir import MaildropBusy, MaildropError, Message
+from worker.maildir import MaildropError, Message, session_flock
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
 
 STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
@@ -215,14 +215,7 @@ class Mbox:
                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise MaildropBusy(self.path) from None
-            raise MaildropError(f"cannot lock maildrop {self.path}: {exc.strerror}") from None
-        self._session_fd = fd
+        self._session_fd = session_flock(fd, self.path)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
 
     def unlock(self) -> None:
