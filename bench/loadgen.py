@@ -204,13 +204,14 @@ def run_poll(job: dict) -> dict:
 
 # -- scenario 3: idle sessions ---------------------------------------------------------------
 class IdleSession:
-    __slots__ = ("client", "held", "error", "noops")
+    __slots__ = ("client", "held", "error", "noops", "noop_ms")
 
     def __init__(self) -> None:
         self.client: Client | None = None
         self.held = False
         self.error: str | None = None
         self.noops = 0
+        self.noop_ms: list[float] = []  # every NOOP's round trip, ramp and hold alike
 
 
 def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Window) -> None:
@@ -231,7 +232,9 @@ def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Win
     delay = random.uniform(0, interval)  # spread the NOOPs evenly over the interval
     while not stop.wait(delay):
         try:
+            started = time.perf_counter()
             session.client.noop()
+            session.noop_ms.append((time.perf_counter() - started) * 1000)
             session.noops += 1
         except Pop3Error as exc:
             session.held = False
@@ -270,12 +273,16 @@ def run_idle(job: dict) -> dict:
     cpu2 = cpu_seconds()
     held = sum(s.held for s in sessions)
     noops = sum(s.noops for s in sessions)
+    latencies = [ms for s in sessions for ms in s.noop_ms]
+    if len(latencies) > 20000:  # a fair sample is enough for percentiles
+        latencies = random.sample(latencies, 20000)
     stop.set()  # sessions leave their loop once a NOOP in flight has its reply
     gevent.joinall(greenlets, timeout=job["reply_timeout"])
     for session in sessions:
         if session.client:
             session.client.close()
     return {"event": "done", "held": held, "noops": noops, "ramp_s": ramp_s,
+            "noop_ms": latencies,
             "errors": dict(window.errors), "error_examples": window.examples,
             "cpu_pct": 100.0 * (cpu2 - cpu1) / hold_s if hold_s > 0 else 0.0,
             "ramp_cpu_pct": 100.0 * (cpu1 - cpu0) / ramp_s if ramp_s > 0 else 0.0}

@@ -295,6 +295,7 @@ class Bench:
             "total_pss_mib": after.pss_kib / KIB,
             "processes": after.processes,
             "ramp_s": ramp_s,
+            "noop_p99_ms": percentile([ms for d in done for ms in d.get("noop_ms", [])], 99),
             "hold_cpu_pct": 100 * hold_cpu / plan.idle_hold,
             "errors": sum(result.errors.values()),
         }
