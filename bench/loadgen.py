@@ -234,7 +234,8 @@ def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Win
         try:
             started = time.perf_counter()
             session.client.noop()
-            session.noop_ms.append((time.perf_counter() - started) * 1000)
+            if job["_holding"][0]:  # "while held": NOOPs during the login ramp do not count
+                session.noop_ms.append((time.perf_counter() - started) * 1000)
             session.noops += 1
         except Pop3Error as exc:
             session.held = False
@@ -257,6 +258,7 @@ def run_idle(job: dict) -> dict:
     stop = Event()
     sessions = [IdleSession() for _ in job["users"]]
     greenlets = []
+    job["_holding"] = [False]  # shared by every session's copy of the job
     for session, user in zip(sessions, job["users"]):
         spec = dict(job, _user=user)
         greenlets.append(gevent.spawn(idle_session, spec, session, gate, stop, window))
@@ -264,6 +266,7 @@ def run_idle(job: dict) -> dict:
     while time.time() < deadline and any(not s.held and s.error is None for s in sessions):
         gevent.sleep(0.2)
     ramp_s = time.time() - go["t0"]
+    job["_holding"][0] = True
     cpu1 = cpu_seconds()
     emit({"event": "ramped", "held": sum(s.held for s in sessions),
           "failed": sum(s.error is not None for s in sessions), "ramp_s": ramp_s,
