@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import USERS, assert_healthy, write_message
+from processes import wait_until
 from shared import refusal
 from worker import replies as R
 
@@ -124,12 +125,7 @@ class Crowd:
         return sum(1 for peer in list(self.peers) if predicate(peer))
 
     def wait(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
+        return wait_until(predicate, timeout)
 
     def close(self) -> None:
         self._stop.set()

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, USERS, assert_healthy, write_message
+from processes import wait_until
 from worker import replies as R
 from worker.mbox import Mbox
 from worker.mboxformat import format_record
@@ -35,15 +36,6 @@ def _state(pid: int) -> str:
             return fh.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
-
-
-def _wait(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _names(folder: Path) -> set[str]:
@@ -133,7 +125,7 @@ def test_kill_9_in_the_middle_of_update(start_server, purge):
     raw.send(b"QUIT\r\n")
     slot = server.worker_of(raw.local_port)
     pid = server.worker_pids()[slot]
-    assert _wait(lambda: _state(pid) == "T"), "the worker never reached the UPDATE hook"
+    assert wait_until(lambda: _state(pid) == "T", 15), "the worker never reached the UPDATE hook"
     _kill_worker_of(server, raw.local_port)
     assert raw.closed() and b"+OK" not in raw.buffer  # no QUIT reply: the update did not end
     raw.close()

@@ -14,27 +14,9 @@ import time
 import pytest
 
 from conftest import ROOT, USERS
+from processes import alive, wait_until
 from shared import refusal
 from worker import replies as R
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(")")[-1].split()[0] != "Z"
-
-
-def _wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_connection_is_served_by_a_worker_not_the_supervisor(server):
@@ -109,7 +91,7 @@ def test_maxclients_refusal(start_server):
     assert raw.closed()
     for client in held:
         client.quit()
-    assert _wait_until(lambda: _greets(server))
+    assert wait_until(lambda: _greets(server))
 
 
 def _greets(server) -> bool:
@@ -167,7 +149,7 @@ def test_supervisor_death_workers_finish_and_exit(server):
     assert client.stat()[0] == 3
     client.dele(1)
     client.quit()
-    assert _wait_until(lambda: not any(_alive(p) for p in pids), 10)
+    assert wait_until(lambda: not any(alive(p) for p in pids), 10)
     assert len(list((server.maildir("alice") / "new").iterdir())) == 2
 
 
@@ -184,7 +166,7 @@ def test_process_titles(server):
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             return fh.read().rstrip(b"\0")
 
-    assert _wait_until(lambda: title() == f"iupop3: worker {slot} [1 sessions]".encode(), 5)
+    assert wait_until(lambda: title() == f"iupop3: worker {slot} [1 sessions]".encode(), 5)
     client.quit()
 
 
