@@ -36,6 +36,7 @@ class Kind(IntEnum):
     SHUTDOWN = 10    # an authorized XTND SHUTDOWN
     SET_LOGLEVEL = 11  # an authorized XTND LOGLEVEL; argument = level index
     CLOSED = 12      # a session ended; argument = shared.keytable.digest of its address
+    DRAINING = 13    # the worker stopped taking sessions (on its own or as told)
 
 
 class HandoffError(Exception):

@@ -57,10 +57,14 @@ def masked_command(verb: str, rest: bytes | str, sasl_response: bool = False,
         if len(words) > keep:
             shown.append(MASK)
         text = " ".join(shown)
-    line = f"{verb} {text[:limit]}".rstrip()
-    # CWE-117: a client's NUL, CR or escape sequence must not forge or hide log lines.
-    return line if line.isprintable() else "".join(
-        c if c.isprintable() else ascii(c)[1:-1] for c in line)
+    return escaped(f"{verb} {text[:limit]}".rstrip())
+
+
+def escaped(text: str) -> str:
+    """Client text fit for a log line (CWE-117): NUL, CR and escape sequences shown as
+    ``\x00``, ``\r``, ``\x1b``, so they can neither forge nor hide lines."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class LineFormatter(logging.Formatter):

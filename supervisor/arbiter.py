@@ -57,6 +57,9 @@ class WorkerProcess:
     quick_deaths: int = 0
     respawn_at: float = 0.0
     addresses: collections.Counter = field(default_factory=collections.Counter)
+    # Control frames waiting for room in the channel (a worker busy for a moment); kept in
+    # order and retried every loop turn, so a DRAIN or a REOPEN_LOG is never dropped.
+    outbox: collections.deque = field(default_factory=collections.deque)
 
 
 class Supervisor:
@@ -182,6 +185,9 @@ class Supervisor:
                 else:
                     self.read_worker_frames(key.data)
             self.handle_signals()
+            for worker in self.workers:
+                if worker.outbox:
+                    self.flush_outbox(worker)
             self.reap_workers()
             if self.stopping:
                 if not self.alive_workers():
@@ -306,6 +312,7 @@ class Supervisor:
             log.error("cannot start worker %d: %s", worker.slot, exc)
             ours.close()
             theirs.close()
+            worker.started = time.monotonic()  # a failed start counts as a quick death
             self._backoff(worker)
             return
         theirs.close()
@@ -338,6 +345,10 @@ class Supervisor:
     def handle_worker_frame(self, worker: WorkerProcess, frame: handoff.Frame) -> None:
         if frame.kind is Kind.CLOSED:
             self._address_closed(worker, frame.argument)
+        elif frame.kind is Kind.DRAINING:
+            if worker.state in (WorkerState.STARTING, WorkerState.RUNNING):
+                log.info("worker %d is draining: no new sessions go to it", worker.slot)
+                worker.state = WorkerState.DRAINING  # RUNNING -> DRAINING
         elif frame.kind is Kind.SHUTDOWN:
             log.info("XTND SHUTDOWN: waiting for sessions to end")
             self.begin_stop(0)
@@ -366,10 +377,21 @@ class Supervisor:
     def broadcast(self, kind: Kind, argument: int = 0) -> None:
         for worker in self.workers:
             if worker.channel is not None and worker.state is not WorkerState.EXITED:
-                try:
-                    handoff.send_frame(worker.channel, kind, argument)
-                except OSError as exc:
-                    log.error("cannot tell worker %d %s: %s", worker.slot, kind.name, exc)
+                worker.outbox.append((kind, argument))
+                self.flush_outbox(worker)
+
+    def flush_outbox(self, worker: WorkerProcess) -> None:
+        while worker.outbox and worker.channel is not None:
+            kind, argument = worker.outbox[0]
+            try:
+                handoff.send_frame(worker.channel, kind, argument)
+            except BlockingIOError:
+                return  # full for now: the next loop turn tries again
+            except OSError as exc:
+                log.error("cannot tell worker %d %s: %s", worker.slot, kind.name, exc)
+                worker.outbox.clear()
+                return
+            worker.outbox.popleft()
 
     def reap_workers(self) -> None:
         while True:
@@ -396,6 +418,7 @@ class Supervisor:
         self.stats.clear_users(slot)
         for key, count in list(worker.addresses.items()):
             self._address_closed(worker, key, count)
+        worker.outbox.clear()
         if worker.channel is not None:
             if worker.channel.fileno() in self.selector.get_map():
                 self.selector.unregister(worker.channel)

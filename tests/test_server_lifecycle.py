@@ -260,3 +260,22 @@ def test_sighup_reloads_users_file_and_keeps_it_on_error(server):
     server.wait_for(r"ERROR .*line 1.*keeping the previous users", start=mark)
     client = server.login("alice")
     client.quit()
+
+
+def test_worker_draining_on_its_own_gets_no_new_sessions(server):
+    """SIGTERM to one worker: it finishes its session, the supervisor routes new ones elsewhere,
+    and the worker is replaced once it has exited."""
+    client = server.login("alice")
+    slot = server.worker_of(client.sock.getsockname()[1])
+    other = 2 if slot == 1 else 1
+    pid = server.worker_pids()[slot]
+    mark = server.mark()
+    os.kill(pid, signal.SIGTERM)
+    server.wait_for(rf"worker {slot} is draining: no new sessions go to it", start=mark)
+    for _ in range(3):
+        newcomer = server.login("bob")
+        assert server.worker_of(newcomer.sock.getsockname()[1]) == other
+        newcomer.quit()
+    assert client.stat()[0] == 3  # its own session goes on
+    client.quit()
+    server.wait_for(rf"worker {slot} started, pid (?!{pid}\b)\d+", start=mark)

@@ -173,3 +173,14 @@ def test_bad_certificate_fails_fast(tmp_path):
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 2
     assert "TLS: cannot load certificate" in out.stderr
+
+
+def test_apop_after_stls_uses_the_greeting_timestamp(start_server, tmp_path):
+    """After STLS the session starts over but keeps the APOP timestamp the greeting announced."""
+    cert, key = make_cert(tmp_path)
+    server = start_server("-tls-cert", str(cert), "-tls-key", str(key), "-apop")
+    client = server.pop()
+    client.stls(client_context(cert))
+    client.apop("alice", USERS["alice"])
+    assert client.stat()[0] == 3
+    client.quit()

@@ -124,3 +124,29 @@ def test_stats_sum_min_max_and_users():
     assert other.totals() == totals
     area.set_user(1, 0, "")
     assert other.users() == ["levanon"]
+
+
+def test_scan_cache_sees_a_delivery_at_once(tmp_path):
+    """The worker's scan cache is checked against the folders' names, so a message delivered
+    right after a scan (even in the same mtime tick) is in the next scan."""
+    from worker.maildir import Maildrop, ensure_maildir
+
+    ensure_maildir(str(tmp_path))
+    (tmp_path / "new" / "1700000001.M1.host").write_bytes(b"Subject: a\n\nx\n")
+    drop = Maildrop(str(tmp_path))
+    assert [m.uid for m in drop.scan()] == ["1700000001.M1.host"]
+    (tmp_path / "new" / "1700000002.M2.host").write_bytes(b"Subject: b\n\ny\n")
+    assert len(drop.scan()) == 2
+    (tmp_path / "new" / "1700000001.M1.host").rename(tmp_path / "cur" / "1700000001.M1.host:2,S")
+    again = drop.scan()
+    assert [m.uid for m in again] == ["1700000001.M1.host", "1700000002.M2.host"]
+    assert again[0].path.endswith(":2,S")
+
+
+def test_non_ascii_digits_in_a_maildir_name_are_not_a_time(tmp_path):
+    """A name starting with a digit like "²" sorts by mtime instead of failing the scan."""
+    from worker.maildir import Maildrop, ensure_maildir
+
+    ensure_maildir(str(tmp_path))
+    (tmp_path / "new" / "\u00b21.M1.host").write_bytes(b"Subject: a\n\nx\n")
+    assert len(Maildrop(str(tmp_path)).scan()) == 1

@@ -139,6 +139,8 @@ def test_xtnd_client_is_logged_and_needs_no_authorization(server):
     bob = _session(server, "bob")
     assert bob.command("XTND CLIENT Eudora 1.4.4 (Macintosh)") == b"+OK"
     server.wait_for(r"client says: Eudora 1\.4\.4 \(Macintosh\)")
+    assert bob.command("XTND CLIENT evil\x1b[2J\x0bforged line") == b"+OK"
+    server.wait_for(r"client says: evil\\x1b\[2J\\x0bforged line")  # escaped, one line
     bob.send(b"xtnd client nc with bare LF\n")  # telnet/nc style, lower case
     assert bob.line() == b"+OK"
     assert bob.command("XTND CLIENT") == xtnd.BAD_ARGUMENTS.format(command="CLIENT").encode()

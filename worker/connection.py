@@ -83,9 +83,10 @@ class Connection:
         # The whole handshake is bounded, not each read: a trickled ClientHello is a slowloris.
         with Timeout(self.ctx.settings.timeout, TimeoutError("TLS handshake too slow")):
             self.sock = context.wrap_socket(self.sock, server_side=True)
-        failures = self.session.failures
+        old = self.session
         self.session = self._new_session(secure=True)
-        self.session.failures = failures  # STLS must not reset the login-attempt budget
+        self.session.failures = old.failures  # STLS must not reset the login-attempt budget
+        self.session.apop_timestamp = old.apop_timestamp  # the one the greeting announced
         self.session.log.log(THREAD, "TLS started: %s %s", self.sock.version(),
                              self.sock.cipher()[0])
 

@@ -14,8 +14,8 @@ import fcntl
 import hashlib
 import os
 import re
+import threading
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,12 +52,13 @@ class Message:
 # (path, unique name) -> (size as served, foreign?); worker.rewrite.Rewriter.measure is one.
 Measure = Callable[[str, str], tuple[int, bool]]
 
-# The last scan of each maildrop in this worker, by its folders' mtimes: a second session sees
-# the same list without a stat per message. Maildir files never change in place (RFC-less but
-# universal Maildir rule), so unchanged folders mean unchanged messages.
-_SCANS: dict[str, tuple[tuple[int, int], Measure, list]] = {}
+# The last scan of each maildrop in this worker, by the exact names in new/ and cur/: a second
+# session sees the same list without a stat or a read per message. Maildir files never change in
+# place (only renames, which change the names), so the same names mean the same messages; a
+# listing is exact where folder mtimes are not (one-tick granularity, NFS clocks).
+_SCANS: dict[str, tuple[tuple[frozenset[str], frozenset[str]], Measure, list]] = {}
+_SCANS_LOCK = threading.Lock()  # scans run in the worker's thread pool
 _SCAN_CACHE_SIZE = 1024
-_SETTLED_NS = 1_000_000_000
 
 
 def uid_for(base: str) -> str:
@@ -153,40 +154,38 @@ class Maildrop:
 
     def scan(self, maxmsg: int = 0, measure: Measure = plain_measure) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
-        stamps = self._folder_stamps()
-        cached = _SCANS.get(self.path)
-        if cached is not None and cached[0] == stamps and cached[1] == measure:
-            entries = cached[2]  # new/ and cur/ unchanged since: same files, same sizes
+        listing = self._listing()
+        with _SCANS_LOCK:
+            cached = _SCANS.get(self.path)
+        if cached is not None and cached[0] == listing and cached[1] == measure:
+            entries = cached[2]  # the same files as last time: the same sizes
         else:
-            entries = self._measure_all(measure)
-            # A folder changed within the last second may change again within the same
-            # mtime tick; only older stamps prove that a later change will show.
-            settled = time.time_ns() - _SETTLED_NS
-            if stamps is not None and max(stamps) < settled:
+            entries = self._measure_all(listing, measure)
+            with _SCANS_LOCK:
                 if len(_SCANS) >= _SCAN_CACHE_SIZE:
-                    _SCANS.pop(next(iter(_SCANS)), None)
-                _SCANS[self.path] = (stamps, measure, entries)
+                    _SCANS.pop(next(iter(_SCANS)))
+                _SCANS[self.path] = (listing, measure, entries)
         if maxmsg:
             entries = entries[:maxmsg]
         return [Message(index, uid, size, path, base, foreign)
                 for index, (uid, size, path, base, foreign) in enumerate(entries)]
 
-    def _folder_stamps(self) -> tuple[int, int] | None:
-        try:
-            return (os.stat(os.path.join(self.path, "new")).st_mtime_ns,
-                    os.stat(os.path.join(self.path, "cur")).st_mtime_ns)
-        except FileNotFoundError:
-            return None
+    def _listing(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The names in new/ and cur/ (a missing folder is empty)."""
+        found = []
+        for sub in ("new", "cur"):
+            try:
+                found.append(frozenset(os.listdir(os.path.join(self.path, sub))))
+            except FileNotFoundError:
+                found.append(frozenset())
+        return found[0], found[1]
 
-    def _measure_all(self, measure: Measure) -> list[tuple[str, int, str, str, bool]]:
+    def _measure_all(self, listing: tuple[frozenset[str], frozenset[str]],
+                     measure: Measure) -> list[tuple[str, int, str, str, bool]]:
         """(uid, size, path, base, foreign) of every message, oldest first."""
         found: list[tuple[int, str, str, str]] = []
-        for sub in ("new", "cur"):
+        for sub, names in zip(("new", "cur"), listing):
             folder = os.path.join(self.path, sub)
-            try:
-                names = os.listdir(folder)
-            except FileNotFoundError:
-                continue
             for name in names:
                 if name.startswith("."):
                     continue
@@ -289,7 +288,7 @@ class Maildrop:
 def _delivery_time(folder: str, name: str) -> int:
     """Maildir names start with the delivery time; other names fall back to the file's mtime."""
     head = name.split(".", 1)[0]
-    if head.isdigit():
+    if head.isascii() and head.isdigit():  # "²".isdigit() is true, int("²") fails
         return int(head)
     try:
         return int(os.stat(os.path.join(folder, name)).st_mtime)

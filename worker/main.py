@@ -19,7 +19,7 @@ import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
 
-from shared import handoff, logsetup, settings as settings_mod
+from shared import handoff, keytable, logsetup, refusal, settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
@@ -43,6 +43,7 @@ class Worker:
         self.channel = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                             fileno=CHANNEL_FD)
         self.draining = False
+        self.supervisor_gone = False
         self.drain_started = gevent.event.Event()
         self.drain_deadline: float | None = None
         self.serial = 0
@@ -78,19 +79,27 @@ class Worker:
                 log.error("bad frame from supervisor: %s", exc)
                 frame = None
             if frame is None:
+                self.supervisor_gone = True
                 if not self.draining:
                     log.info("supervisor gone: finishing %d sessions", len(self.sessions))
                 self.begin_drain(0)
                 return
-            self.dispatch(frame)
+            try:
+                self.dispatch(frame)
+            except Exception:
+                # A receiver that died would leave the worker deaf to the supervisor.
+                log.exception("cannot handle frame %s", frame.kind.name)
+                if frame.fd is not None:
+                    _close_quietly(frame.fd)
             # After, so a LOGLEVEL frame is logged at the level it sets.
             log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
 
     def dispatch(self, frame: handoff.Frame) -> None:
         if frame.kind is Kind.CONNECTION:
             if self.draining:
+                # Raced with our drain: say so, and give the address its slot back.
                 self.stats.add(self.slot, Counter.RECEIVED)
-                os.close(frame.fd)  # raced with our drain: the client sees a close
+                self.refuse(frame.fd)
                 return
             sock = gevent.socket.socket(fileno=frame.fd)
             self.serial += 1
@@ -111,6 +120,18 @@ class Worker:
             self.reloader.reload("reload request")
             self.ctx.reload_tls()
             self.ctx.reload_users()
+
+    def refuse(self, fd: int) -> None:
+        sock = stdsocket.socket(fileno=fd)
+        try:
+            address = sock.getpeername()[0]
+            sock.send(refusal.SHUTTING_DOWN, stdsocket.MSG_DONTWAIT | stdsocket.MSG_NOSIGNAL)
+        except (OSError, IndexError):
+            address = ""
+        finally:
+            sock.close()
+        if self.settings.max_per_address:
+            self.tell_supervisor(Kind.CLOSED, keytable.digest(address))
 
     def serve(self, connection: Connection) -> None:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
@@ -133,6 +154,9 @@ class Worker:
             self.draining = True  # RUNNING -> DRAINING
             log.info("worker %d draining, %d sessions", self.slot, len(self.sessions))
             self.drain_started.set()
+            if not self.supervisor_gone:
+                # Stop being sent sessions (a drain may start here: SIGTERM to this pid).
+                self.tell_supervisor(Kind.DRAINING)
         if deadline_seconds:
             deadline = time.monotonic() + deadline_seconds
             if self.drain_deadline is None or deadline < self.drain_deadline:
@@ -174,6 +198,13 @@ def in_threadpool(hub, function, *args):
     if error is not None:
         raise error
     return result
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> int:

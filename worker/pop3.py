@@ -310,6 +310,9 @@ class Session:
             self.log.error("user %s: cannot read maildrop: %s", user, exc)
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
+        except BaseException:
+            maildrop.unlock()  # whatever went wrong, the maildrop must not stay locked
+            raise
         self.maildrop = maildrop
         self.account_name = account.name
         self.state = State.TRANSACTION

@@ -60,7 +60,7 @@ def xtnd_CLIENT(session: "Session", argument: str) -> None:
     if not argument:
         session.reply(BAD_ARGUMENTS.format(command="CLIENT"))
         return
-    session.log.log(THREAD, "client says: %s", argument)
+    session.log.log(THREAD, "client says: %s", logsetup.escaped(argument[:200]))
     session.reply(CLIENT_OK)
 
 
