@@ -210,55 +210,51 @@ class Bench:
                 "users": [(u.name, u.password) for u in users], "clients": len(users),
                 "warmup": self.plan.warmup, **extra}
 
-    # -- 1. login storm -------------------------------------------------------------------
-    def login_storm(self, server: Server, concurrency: int) -> Result:
-        plan, result = self.plan, Result()
-        users = self.groups["storm"][:concurrency]
-        with self.serving(server, "storm", concurrency):
-            chunks = split(users, plan.loadgen_procs if concurrency > 1 else 1)
-            gens = Loadgens([self.job(server, "storm", chunk, duration=plan.storm_seconds,
-                                      expect_messages=self.expect["storm"]) for chunk in chunks])
-            cpu = self._server_cpu(server, gens.t0 + plan.warmup, plan.storm_seconds)
-            probe = self.probe and self.probe(server, gens.t0 + plan.warmup, plan.storm_seconds)
+    def _timed_run(self, server: Server, kind: str, concurrency: int,
+                   seconds: float) -> tuple[list[dict], float, Result]:
+        """Load generators for ``seconds`` of ``kind`` sessions: their reports, the server's CPU
+        seconds over the measured window, and a Result with their errors and CPU."""
+        result = Result()
+        users = self.groups[kind][:concurrency]
+        with self.serving(server, kind, concurrency):
+            chunks = split(users, self.plan.loadgen_procs if concurrency > 1 else 1)
+            gens = Loadgens([self.job(server, kind, chunk, duration=seconds,
+                                      expect_messages=self.expect[kind]) for chunk in chunks])
+            measured_from = gens.t0 + self.plan.warmup
+            cpu = self._server_cpu(server, measured_from, seconds)
+            probe = self.probe and self.probe(server, measured_from, seconds)
             done = gens.finish()
             if probe:
                 probe.join()
-        latencies = [x for d in done for x in d.get("latencies", [])]
         for d in done:
             result.add_errors(d)
             result.loadgen_cpu.append(round(d["cpu_pct"], 1))
+        return done, cpu.join(), result
+
+    # -- 1. login storm -------------------------------------------------------------------
+    def login_storm(self, server: Server, concurrency: int) -> Result:
+        seconds = self.plan.storm_seconds
+        done, cpu_s, result = self._timed_run(server, "storm", concurrency, seconds)
+        latencies = [x for d in done for x in d.get("latencies", [])]
         sessions = len(latencies)
         result.figures = {
-            "rate": sessions / plan.storm_seconds,
+            "rate": sessions / seconds,
             "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99),
-            "cpu_ms": 1000 * cpu.join() / sessions if sessions else float("nan"),
+            "cpu_ms": 1000 * cpu_s / sessions if sessions else float("nan"),
             "errors": sum(result.errors.values()),
         }
         return self._check_loadgen(result)
 
     # -- 2. bulk RETR ---------------------------------------------------------------------
     def bulk_retr(self, server: Server, concurrency: int) -> Result:
-        plan, result = self.plan, Result()
-        users = self.groups["retr"][:concurrency]
-        with self.serving(server, "retr", concurrency):
-            chunks = split(users, plan.loadgen_procs if concurrency > 1 else 1)
-            gens = Loadgens([self.job(server, "retr", chunk, duration=plan.retr_seconds,
-                                      expect_messages=self.expect["retr"]) for chunk in chunks])
-            cpu = self._server_cpu(server, gens.t0 + plan.warmup, plan.retr_seconds)
-            probe = self.probe and self.probe(server, gens.t0 + plan.warmup, plan.retr_seconds)
-            done = gens.finish()
-            if probe:
-                probe.join()
-        octets = sum(d.get("octets", 0) for d in done)
-        for d in done:
-            result.add_errors(d)
-            result.loadgen_cpu.append(round(d["cpu_pct"], 1))
-        megabytes = octets / 1e6
+        seconds = self.plan.retr_seconds
+        done, cpu_s, result = self._timed_run(server, "retr", concurrency, seconds)
+        megabytes = sum(d.get("octets", 0) for d in done) / 1e6
         result.figures = {
-            "mb_s": megabytes / plan.retr_seconds,
+            "mb_s": megabytes / seconds,
             "messages": sum(d.get("messages", 0) for d in done),
-            "cpu_ms_per_mb": 1000 * cpu.join() / megabytes if megabytes else float("nan"),
+            "cpu_ms_per_mb": 1000 * cpu_s / megabytes if megabytes else float("nan"),
             "errors": sum(result.errors.values()),
         }
         return self._check_loadgen(result)

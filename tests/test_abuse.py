@@ -56,8 +56,9 @@ def test_delay_blocks_no_other_session(start_server):
     raw = server.raw(timeout=30)
     raw.line()
     raw.command("USER alice")
+    mark = server.mark()
     raw.send(b"PASS wrong\r\n")  # now delayed for 3 s inside the worker
-    time.sleep(0.2)
+    server.wait_for(r"login failed for alice .*delay 3s", start=mark)
     started = time.monotonic()
     client = server.login("bob")
     assert client.stat()[0] == 3

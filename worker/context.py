@@ -6,6 +6,7 @@ protocol stays free of policy and the sans-IO tests can build a real context wit
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -24,6 +25,7 @@ from worker import sasl
 from worker.authguard import AuthGuard
 from worker.maildir import Maildrop, MaildropError
 from worker.mbox import Mbox
+from worker.rewrite import Rewriter, Rules
 
 if TYPE_CHECKING:
     from worker.pop3 import Session
@@ -98,6 +100,12 @@ class ServerContext:
         if not good or account is None or not account.accessible:
             return None
         return account
+
+    @functools.cached_property
+    def rewriter(self) -> Rewriter:
+        """The served form of messages and its size cache: settings never change in a worker,
+        so one Rewriter serves every session (not one per RETR)."""
+        return Rewriter(Rules.from_context(self))
 
     def offload(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work (hashing, a maildrop scan) where it stalls no other session."""

@@ -304,7 +304,7 @@ class Session:
         try:
             # A first scan of a big maildrop reads files: off the event loop, like hashing.
             self.messages = self.ctx.offload(maildrop.scan, self.ctx.settings.maxmsg,
-                                             rewrite.rewriter_for(self.ctx).measure)
+                                             self.ctx.rewriter.measure)
         except OSError as exc:
             maildrop.unlock()
             self.log.error("user %s: cannot read maildrop: %s", user, exc)
@@ -424,7 +424,7 @@ class Session:
             self.log.log(THREAD, "RETR %d uid %s, %d octets%s, X-POP3-ID %s", message.index + 1,
                          message.uid, message.size, " (foreign: notice only)" if message.foreign else "",
                          xid)
-            pieces = rewrite.rewriter_for(self.ctx).render(fh, message.foreign, xid)
+            pieces = self.ctx.rewriter.render(fh, message.foreign, xid)
             self._send_multiline(R.RETR.format(octets=message.size), pieces)
         self.ctx.retrieved(message.size)
 
@@ -445,7 +445,7 @@ class Session:
         xid = rewrite.new_id(self.ctx.slot)
         with fh:
             self.log.debug("TOP %d uid %s, X-POP3-ID %s", message.index + 1, message.uid, xid)
-            pieces = rewrite.rewriter_for(self.ctx).render(fh, message.foreign, xid, body_lines)
+            pieces = self.ctx.rewriter.render(fh, message.foreign, xid, body_lines)
             self._send_multiline(R.TOP, pieces)
 
     def _send_multiline(self, status: str, pieces: Iterable[bytes]) -> None:

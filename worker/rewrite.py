@@ -358,17 +358,3 @@ def _first_lines(chunks: Iterable[bytes], count: int, separator: bool) -> Iterat
             pos = chunk.index(b"\n", pos + 1)
         yield chunk[:pos + 1]
         return
-
-
-_rewriters: dict[Rules, Rewriter] = {}
-
-
-def rewriter_for(ctx: "ServerContext") -> Rewriter:
-    """The worker's Rewriter for the context's current settings (one cache per Rules)."""
-    rules = Rules.from_context(ctx)
-    rewriter = _rewriters.get(rules)
-    if rewriter is None:
-        if len(_rewriters) >= 4:  # settings changed: the old caches are stale
-            _rewriters.clear()
-        rewriter = _rewriters[rules] = Rewriter(rules)
-    return rewriter
