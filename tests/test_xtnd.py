@@ -93,6 +93,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from conftest import ROOT, USERS  # noqa: E402
+from processes import wait_until  # noqa: E402
 from shared import refusal, statsreport  # noqa: E402
 from test_server_lifecycle import _owns_connection  # noqa: E402
 from worker import replies as R  # noqa: E402
@@ -190,6 +191,10 @@ def test_stats_totals_are_exact_under_parallel_load_on_both_workers(start_server
     # No failed-login delay: the five failures come from one address and would queue up.
     server = start_server("-xtnd", str(_auth_file(tmp_path)), "-auth-delay", "0",
                           users=LOAD_USERS)
+    admin = _session(server, "alice", LOAD_USERS["alice"])
+    before, _ = _stats(admin)
+    assert admin.command("QUIT").startswith(b"+OK")
+    assert admin.closed()
     good = [u for u in LOAD_USERS if u != "alice"]
     bad = [("u00", "wrong"), ("u01", "wrong"), ("u02", "wrong"), ("nobody", "x"), ("ghost", "y")]
     barrier = threading.Barrier(len(good) + len(bad), timeout=60)
@@ -240,16 +245,13 @@ def test_stats_totals_are_exact_under_parallel_load_on_both_workers(start_server
     assert re.search(r"worker-2 w2\.\d+ connect from", log)
 
     admin = _session(server, "alice", LOAD_USERS["alice"])
-    deadline = time.monotonic() + 10
-    while True:  # a session's end is counted just after its QUIT reply leaves
-        values, users = _stats(admin)
-        if values["Normal Disconnects"] == "45" or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    # A session's end is counted just after its QUIT reply leaves.
+    wait_until(lambda: _stats(admin)[0]["Normal Disconnects"] == "46", timeout=10)
+    values, users = _stats(admin)
     expected = {
         "Version Number": "2.0", "Logging Level": "DEBUG",
-        "Current Threads": "1", "Total Threads": "46", "Max Threads": "45",
-        "Too Many Threads": "0", "Normal Disconnects": "45", "Abnormal Disconnects": "0",
+        "Current Threads": "1", "Total Threads": "47", "Max Threads": "45",
+        "Too Many Threads": "0", "Normal Disconnects": "46", "Abnormal Disconnects": "0",
         "Client Timeouts": "0", "Blocked Socket Count": "0", "Retrieved Messages": "80",
         "Retrieved Octets": str(sum(sizes)), "Average Octets": str(sum(sizes) // 80),
         "Minimum Octets": str(min(sizes)), "Maximum Octets": str(max(sizes)),
@@ -258,7 +260,8 @@ def test_stats_totals_are_exact_under_parallel_load_on_both_workers(start_server
     assert {k: values[k] for k in expected} == expected
     assert users == ["alice"]
     assert re.fullmatch(r"\d+\.\d\d \(\d+ mins, \d+ secs\)", values["CPU Seconds"])
-    assert float(values["CPU Seconds"].split()[0]) > 0.5
+    # What the figure means, not how fast this machine is: it parses and it grew with the load.
+    assert float(values["CPU Seconds"].split()[0]) > float(before["CPU Seconds"].split()[0])
     assert admin.command("QUIT").startswith(b"+OK")
     output = server.output
     for password in LOAD_USERS.values():
