@@ -174,8 +174,8 @@ def test_fetchmail_download_and_delete(start_server, tmp_path, purge):
     assert sorted(got) == sorted(m.msgid for m in mails)
     for m in mails:
         check_arrived(got[m.msgid], m, server.output, RECEIVED)
-    assert re.search(r"THREAD worker-1 \S+ update: 6 messages deleted, 1 of them foreign",
-                     server.output)
+    # The fixture reads the server's output on its own thread: wait for the line, never race it.
+    server.wait_for(r"THREAD worker-1 \S+ update: 6 messages deleted, 1 of them foreign")
 
     assert stored(box) == {}
     trash = {} if purge else {f"cur/{m.name}:2,": m.data for m in mails if not m.foreign}
