@@ -60,6 +60,9 @@ def serve(settings) -> int:
         if isinstance(exc, OSError) and readiness.told:
             raise  # not a start-up failure: keep the traceback
         message = exc.strerror if isinstance(exc, ListenError) and exc.strerror else str(exc)
+        # The waiting command exits as soon as it hears of the failure: leave nothing behind first.
+        _release(pidfile)
+        pidfile = None
         readiness.failed(message)
         if log.handlers:
             log.error("%s", message)
@@ -67,11 +70,15 @@ def serve(settings) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        _release(pidfile)
         readiness.close()  # a daemon that dies before it listens: the parent sees EOF
-        if pidfile is not None:
-            problem = pidfile.release()
-            if problem:
-                log.info("%s (the next start takes it over)", problem)
+
+
+def _release(pidfile: "daemon.PidFile | None") -> None:
+    if pidfile is not None:
+        problem = pidfile.release()
+        if problem:
+            log.info("%s (the next start takes it over)", problem)
 
 
 def _print_demo_banner(settings) -> None:
