@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared import maillocation
+
 LOG_LEVELS = ("ERROR", "INFO", "THREAD", "DEBUG")
 
 
@@ -33,6 +35,8 @@ class Setting:
     minimum: int | None = None
     maximum: int | None = None
     section: str = "server"
+    # Checks a converted value and returns the form to keep; ValueError says what is wrong.
+    validator: Callable[[Any], Any] | None = None
 
     @property
     def option(self) -> str:
@@ -41,7 +45,8 @@ class Setting:
     def convert(self, value: Any, where: str) -> Any:
         """Turn a command-line string or TOML value into this setting's type, or raise."""
         try:
-            return _CONVERTERS[self.kind](self, value)
+            value = _CONVERTERS[self.kind](self, value)
+            return value if self.validator is None else self.validator(value)
         except (TypeError, ValueError) as exc:
             raise SettingsError(f"{where}: {self.option} {exc}") from None
 
@@ -131,9 +136,10 @@ SETTINGS: tuple[Setting, ...] = (
             "delete for good instead of moving deleted mail to the wastebasket"),
     Setting("login_attempts", "int", 2,
             "failed logins a connection may make before the server closes it", minimum=1),
-    Setting("wastebasket", "str", ".Trash",
+    Setting("wastebasket", "str", maillocation.WASTEBASKET,
             "Maildir++ folder that deleted mail is moved to (unless -purge_reclaim); for mbox,"
-            " the suffix of the sibling file (/var/mail/jones.Trash)"),
+            " the suffix of the sibling file (/var/mail/jones.Trash)",
+            validator=maillocation.folder_name),
     # Today's additions.
     Setting("listen", "list", ("0.0.0.0", "::"),
             "address to listen on (repeat the flag for several)"),
@@ -150,7 +156,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("users", "path", "", "users file in Dovecot's passwd-file format"),
     Setting("mail", "str", "maildir:~/Maildir",
             "where mail lives: maildir:PATH, or mbox:PATH for a Unix spool file"
-            " (mbox:/var/mail/%u); %u is the user name, ~ the user's home"),
+            " (mbox:/var/mail/%u); %u is the user name, ~ the user's home",
+            validator=maillocation.normalized),
     Setting("hostname", "str", "", "host name in the greeting and X-POP3-Server (default: this host's)"),
     Setting("personal_name", "bool", False,
             "IUPOP3's PERSONAL_NAME: a patched VMS From: keeps the sender's personal name"),

@@ -24,7 +24,7 @@ from shared.stats import StatsArea
 from shared.users import parse_users
 from worker import replies as R
 from worker.context import ServerContext
-from worker.maildir import MaildropBusy, MaildropError
+from worker.store import MaildropBusy, MaildropError
 from worker import mbox as mbox_mod, mboxformat
 from worker.mbox import Mbox
 from worker.mboxformat import format_record, parse, quote, unquote

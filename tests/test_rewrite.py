@@ -21,7 +21,8 @@ from shared.stats import StatsArea
 from shared.users import parse_users
 from worker import rewrite
 from worker.context import ServerContext
-from worker.maildir import FOREIGN_FOLDER, Maildrop
+from worker.maildir import Maildir
+from worker.store import FOREIGN_FOLDER
 from worker.pop3 import Session
 from worker.rewrite import NOTICE, Rewriter, Rules, new_id, patch_from
 
@@ -296,12 +297,12 @@ def test_headerless_message_is_foreign_with_no_headers(drop):
 
 
 def test_commit_without_session_never_unlinks_foreign(tmp_path):
-    """Maildrop.commit moves a foreign message to .MAIL even with purge, and says how many."""
+    """Maildir.commit moves a foreign message to .MAIL even with purge, and says how many."""
     drop = Drop(str(tmp_path))
     drop.deliver(b"\0")
-    maildrop = Maildrop(str(drop.maildir), purge=True)
+    maildrop = Maildir(str(drop.maildir), purge=True, sizing=Rewriter(Rules(HOST, "2.0")))
     maildrop.lock()
-    messages = maildrop.scan(0, Rewriter(Rules(HOST, "2.0")).measure)
+    messages = maildrop.scan(0)
     assert messages[0].foreign
     assert maildrop.commit(messages) == 1
     maildrop.unlock()
@@ -314,10 +315,10 @@ def test_second_scan_reads_no_file_and_a_changed_file_is_read_again(tmp_path):
     drop = Drop(str(tmp_path))
     paths = [drop.deliver(b"Subject: %d\n\nbody\n" % i) for i in range(5)]
     rewriter = Rewriter(Rules(HOST, "2.0"))
-    maildrop = Maildrop(str(drop.maildir))
-    first = maildrop.scan(0, rewriter.measure)
+    maildrop = Maildir(str(drop.maildir), sizing=rewriter)
+    first = maildrop.scan(0)
     assert rewriter.files_read == 5
-    assert [m.size for m in maildrop.scan(0, rewriter.measure)] == [m.size for m in first]
+    assert [m.size for m in maildrop.scan(0)] == [m.size for m in first]
     assert rewriter.files_read == 5
     # A Maildir file never changes in place, so the worker's scan cache (by folder listing)
     # trusts names; the size cache below it still notices a file rewritten in place.

@@ -11,7 +11,8 @@ from hypothesis import given, strategies as st
 
 from shared import handoff, stats
 from shared.handoff import Kind
-from worker.maildir import uid_for, wire_size
+from worker.maildir import uid_for
+from worker.storebase import wire_size
 from worker.pop3 import ALLOWED, State, verbs
 from worker.wire import DotStuffer, stuff_whole
 
@@ -129,11 +130,11 @@ def test_stats_sum_min_max_and_users():
 def test_scan_cache_sees_a_delivery_at_once(tmp_path):
     """The worker's scan cache is checked against the folders' names, so a message delivered
     right after a scan (even in the same mtime tick) is in the next scan."""
-    from worker.maildir import Maildrop, ensure_maildir
+    from worker.maildir import Maildir, ensure_maildir
 
     ensure_maildir(str(tmp_path))
     (tmp_path / "new" / "1700000001.M1.host").write_bytes(b"Subject: a\n\nx\n")
-    drop = Maildrop(str(tmp_path))
+    drop = Maildir(str(tmp_path))
     assert [m.uid for m in drop.scan()] == ["1700000001.M1.host"]
     (tmp_path / "new" / "1700000002.M2.host").write_bytes(b"Subject: b\n\ny\n")
     assert len(drop.scan()) == 2
@@ -145,8 +146,8 @@ def test_scan_cache_sees_a_delivery_at_once(tmp_path):
 
 def test_non_ascii_digits_in_a_maildir_name_are_not_a_time(tmp_path):
     """A name starting with a digit like "²" sorts by mtime instead of failing the scan."""
-    from worker.maildir import Maildrop, ensure_maildir
+    from worker.maildir import Maildir, ensure_maildir
 
     ensure_maildir(str(tmp_path))
     (tmp_path / "new" / "\u00b21.M1.host").write_bytes(b"Subject: a\n\nx\n")
-    assert len(Maildrop(str(tmp_path)).scan()) == 1
+    assert len(Maildir(str(tmp_path)).scan()) == 1

@@ -23,8 +23,7 @@ from shared.version import VERSION
 from shared.xtndauth import NOBODY, XtndAuth
 from worker import sasl
 from worker.authguard import AuthGuard
-from worker.maildir import Maildrop, MaildropError
-from worker.mbox import Mbox
+from worker import store
 from worker.rewrite import Rewriter, Rules
 
 if TYPE_CHECKING:
@@ -125,19 +124,8 @@ class ServerContext:
             return None
         return account
 
-    def maildrop_for(self, account: Account) -> Maildrop | Mbox:
-        """The account's maildrop: ``maildir:PATH`` or ``mbox:PATH`` (a Unix spool file)."""
-        kind, _, where = self.settings.mail.partition(":")
-        if kind not in ("maildir", "mbox") or not where:
-            raise MaildropError(f"unsupported mail location {self.settings.mail!r}")
-        path = where.replace("%u", account.name)
-        if path.startswith("~"):
-            if not account.home:
-                raise MaildropError(f"user {account.name} has no home for {where!r}")
-            path = account.home.rstrip("/") + path[1:]
-        if kind == "mbox":
-            return Mbox(path, self.settings.wastebasket, self.settings.purge_reclaim)
-        return Maildrop(path, self.settings.wastebasket, self.settings.purge_reclaim)
+    def maildrop_for(self, account: Account) -> store.Maildrop:
+        return store.open_maildrop(self.settings, account, self.rewriter)
 
     # -- statistics -------------------------------------------------------------------------
     def count(self, counter: Counter, amount: int = 1) -> None:

@@ -9,56 +9,49 @@ nothing on disk. Deleted mail goes to the wastebasket folder (Maildir++ ``.Trash
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
-import re
 import threading
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Hashable
+
+from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
+                              Message, Sizing, fault_stop_point, session_flock)
 
 LOCK_NAME = ".iupop3.lock"
-FOREIGN_FOLDER = ".MAIL"  # IUPOP3 1.8 moved MAIL/FOREIGN messages to the MAIL folder
-_SIZE_FIELDS = re.compile(rb",([SW])=(\d+)")
-_UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
-_CHUNK = 64 * 1024
-# Test-only hook (tests/test_faults.py), never set in production: the process stops itself
-# (SIGSTOP) once this many messages of an UPDATE are moved, so a test can kill -9 it mid-commit.
-_TEST_STOP_AFTER = int(os.environ.get("IUPOP3_TEST_STOP_UPDATE_AFTER") or 0)
+
+Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
+Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
 
 
-class MaildropBusy(Exception):
-    """Another session holds this maildrop."""
+class ScanCache:
+    """The last scan of each maildrop in this worker, by the exact names in new/ and cur/.
+
+    A second session sees the same list without a stat or a read per message. Maildir files
+    never change in place (only renames, which change the names), so the same names mean the
+    same messages; a listing is exact where folder mtimes are not (one-tick granularity, NFS
+    clocks). Scans run in the worker's thread pool, several at once: hence the lock.
+    """
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._scans: dict[str, tuple[Listing, Sizing, list[Entry]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, where: str, listing: Listing, sizing: Sizing) -> list[Entry] | None:
+        with self._lock:
+            cached = self._scans.get(where)
+        if cached is not None and cached[0] == listing and cached[1] is sizing:
+            return cached[2]
+        return None
+
+    def put(self, where: str, listing: Listing, sizing: Sizing, entries: list[Entry]) -> None:
+        with self._lock:
+            if len(self._scans) >= self.limit:
+                self._scans.pop(next(iter(self._scans)))
+            self._scans[where] = (listing, sizing, entries)
 
 
-class MaildropError(Exception):
-    """The maildrop cannot be opened (permissions, not a directory...)."""
-
-
-@dataclass(slots=True)
-class Message:
-    """One message as the session sees it; ``index`` is 0-based, POP3 numbers are index + 1."""
-
-    index: int
-    uid: str
-    size: int       # octets with CRLF line ends, as RETR sends them (before stuffing)
-    path: str
-    base: str       # Maildir unique name (before ":2,"), stable across new/ -> cur/
-    foreign: bool = False  # cannot travel as text: served as a notice, kept on DELE
-
-
-# (path, unique name) -> (size as served, foreign?); worker.rewrite.Rewriter.measure is one.
-Measure = Callable[[str, str], tuple[int, bool]]
-
-# The last scan of each maildrop in this worker, by the exact names in new/ and cur/: a second
-# session sees the same list without a stat or a read per message. Maildir files never change in
-# place (only renames, which change the names), so the same names mean the same messages; a
-# listing is exact where folder mtimes are not (one-tick granularity, NFS clocks).
-_SCANS: dict[str, tuple[tuple[frozenset[str], frozenset[str]], Measure, list]] = {}
-_SCANS_LOCK = threading.Lock()  # scans run in the worker's thread pool
-_SCAN_CACHE_SIZE = 1024
+SCANS = ScanCache()  # one per worker process: sessions of one worker share it
 
 
 def uid_for(base: str) -> str:
@@ -67,39 +60,9 @@ def uid_for(base: str) -> str:
     A unique name never changes while the message lives in this Maildir (moving new/ -> cur/
     and flag changes only touch the part after ':'), so the UIDL is stable forever.
     """
-    if _UIDL_OK.fullmatch(base):
+    if UIDL_OK.fullmatch(base):
         return base
     return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-
-
-def wire_size(data: bytes) -> int:
-    """Octets of ``data`` once every bare LF is sent as CRLF."""
-    crlfs = data.count(b"\r\n") if b"\r" in data else 0  # memchr first: far cheaper
-    return len(data) + data.count(b"\n") - crlfs
-
-
-def file_wire_size(path: str) -> int:
-    """Wire size of a file, read in chunks; a CR at a chunk's end is carried to the next.
-
-    A last line without its LF counts the CRLF the DotStuffer adds to end it.
-    """
-    total = 0
-    carry = b""
-    last = b"\n"
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            last = chunk[-1:]
-            chunk = carry + chunk
-            carry = b""
-            if chunk.endswith(b"\r"):
-                carry, chunk = b"\r", chunk[:-1]
-            total += wire_size(chunk)
-    return total + len(carry) + (0 if last == b"\n" else 2)
-
-
-def plain_measure(path: str, base: str) -> tuple[int, bool]:
-    """Sizes without any rewriting (the message as stored, CRLF line ends)."""
-    return _size_of(path, os.path.basename(path)), False
 
 
 def ensure_maildir(path: str) -> None:
@@ -107,27 +70,16 @@ def ensure_maildir(path: str) -> None:
         os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
 
-def session_flock(fd: int, maildrop: str) -> int:
-    """Lock ``fd`` for a session or close it and raise MaildropBusy / MaildropError.
+class Maildir:
+    """One user's Maildir, locked for the lifetime of a POP3 session (a worker.store.Maildrop)."""
 
-    flock belongs to the open file, not the process: it holds between two sessions of one
-    worker as well as across workers, and the kernel drops it when its holder dies.
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise MaildropBusy(maildrop) from None
-        raise MaildropError(f"cannot lock maildrop {maildrop}: {exc.strerror}") from None
-    return fd
-
-
-class Maildrop:
-    """One user's Maildir, locked for the lifetime of a POP3 session."""
-
-    def __init__(self, path: str, wastebasket: str = ".Trash", purge: bool = False):
-        self.path = path
+    def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
+                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None):
+        if isinstance(where, str):
+            where = (where, ())
+        self.path = os.path.join(where[0], *where[1])
+        self.sizing = sizing
+        self.owner = owner
         self.wastebasket = wastebasket
         self.purge = purge
         self._lock_fd: int | None = None
@@ -152,19 +104,13 @@ class Maildrop:
             os.close(self._lock_fd)  # closing the only descriptor releases the flock
             self._lock_fd = None
 
-    def scan(self, maxmsg: int = 0, measure: Measure = plain_measure) -> list[Message]:
+    def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
         listing = self._listing()
-        with _SCANS_LOCK:
-            cached = _SCANS.get(self.path)
-        if cached is not None and cached[0] == listing and cached[1] == measure:
-            entries = cached[2]  # the same files as last time: the same sizes
-        else:
-            entries = self._measure_all(listing, measure)
-            with _SCANS_LOCK:
-                if len(_SCANS) >= _SCAN_CACHE_SIZE:
-                    _SCANS.pop(next(iter(_SCANS)))
-                _SCANS[self.path] = (listing, measure, entries)
+        entries = SCANS.get(self.path, listing, self.sizing)
+        if entries is None:
+            entries = self._measure_all(listing)
+            SCANS.put(self.path, listing, self.sizing, entries)
         if maxmsg:
             entries = entries[:maxmsg]
         return [Message(index, uid, size, path, base, foreign)
@@ -180,8 +126,7 @@ class Maildrop:
                 found.append(frozenset())
         return found[0], found[1]
 
-    def _measure_all(self, listing: tuple[frozenset[str], frozenset[str]],
-                     measure: Measure) -> list[tuple[str, int, str, str, bool]]:
+    def _measure_all(self, listing: Listing) -> list[Entry]:
         """(uid, size, path, base, foreign) of every message, oldest first."""
         found: list[tuple[int, str, str, str]] = []
         for sub, names in zip(("new", "cur"), listing):
@@ -196,15 +141,20 @@ class Maildrop:
         for when, base, sub, name in found:
             path = os.path.join(self.path, sub, name)
             try:
-                size, foreign = measure(path, base)
+                size, foreign = self._measure(path, base)
             except FileNotFoundError:
                 try:  # moved new/ -> cur/ (or flagged) by another program since the listing
                     path = self._find(base)
-                    size, foreign = measure(path, base)
+                    size, foreign = self._measure(path, base)
                 except FileNotFoundError:
                     continue  # removed since the listing
             entries.append((uid_for(base), size, path, base, foreign))
         return entries
+
+    def _measure(self, path: str, base: str) -> tuple[int, bool]:
+        st = os.stat(path)
+        key: Hashable = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
+        return self.sizing.size_of(key, lambda: open(path, "rb"))
 
     def open_message(self, message: Message):
         """A binary file of the stored message; it may have moved new/ -> cur/ meanwhile."""
@@ -223,8 +173,7 @@ class Maildrop:
         trash = None if self.purge else self._folder(self.wastebasket)
         kept = 0
         for done, message in enumerate(deleted):
-            if done and done == _TEST_STOP_AFTER:
-                os.kill(os.getpid(), signal.SIGSTOP)
+            fault_stop_point(done)
             target = self._folder(FOREIGN_FOLDER) if message.foreign else trash
             try:
                 self._remove(message, target)
@@ -294,11 +243,3 @@ def _delivery_time(folder: str, name: str) -> int:
         return int(os.stat(os.path.join(folder, name)).st_mtime)
     except FileNotFoundError:
         return 0
-
-
-def _size_of(path: str, name: str) -> int:
-    """The wire size from ``,W=`` (Dovecot's CRLF size) when present, else from the file."""
-    fields = dict(_SIZE_FIELDS.findall(name.encode("utf-8", "surrogateescape")))
-    if b"W" in fields:
-        return int(fields[b"W"])
-    return file_wire_size(path)

@@ -1,7 +1,7 @@
 """A classic Unix mail spool (``-mail mbox:/var/mail/%u``) as a POP3 maildrop.
 
-Offers the Session what ``worker.maildir.Maildrop`` offers (lock, scan, open_message, commit,
-empty_wastebasket), with its exceptions and ``Message``; the format and UIDLs are in
+Implements worker.store's ``Maildrop`` (lock, scan, open_message, commit, empty_wastebasket)
+with the errors and ``Message`` of worker.storebase; the format and UIDLs are in
 worker.mboxformat. Commit copies kept records byte for byte: other writers' dialects survive.
 
 Locks: for the whole session an flock on ``.USER.iupop3.lock`` beside the spool keeps other
@@ -45,17 +45,18 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from shared.logsetup import log
-from worker.maildir import MaildropError, Message, session_flock
+from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
+                              Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
 
 STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
 TOUCH_SECONDS = 60          # a long rewrite keeps its dot-lock fresh, like lockfile_touch()
 LOCK_WAIT_SECONDS = 20.0
-FOREIGN_SUFFIX = ".MAIL"
-_CHUNK = 1 << 20           # copy and RETR read size
+FOREIGN_SUFFIX = FOREIGN_FOLDER
+_CHUNK = SPOOL_CHUNK       # copy and RETR read size
 
 
 # -- locks -----------------------------------------------------------------------------------
@@ -176,8 +177,10 @@ def _write_all(fd: int, data: bytes) -> None:
 class Mbox:
     """One user's mbox spool, locked against other POP3 sessions for a session's lifetime."""
 
-    def __init__(self, path: str, wastebasket: str = ".Trash", purge: bool = False):
+    def __init__(self, path: str, wastebasket: str = WASTEBASKET, purge: bool = False,
+                 sizing: Sizing = PLAIN):
         self.path = os.path.abspath(path)
+        self.sizing = sizing
         self.directory, self.name = os.path.split(self.path)
         self.wastebasket = wastebasket
         self.purge = purge
@@ -269,11 +272,11 @@ class Mbox:
         return fd
 
     # -- reading ---------------------------------------------------------------------------
-    def scan(self, maxmsg: int = 0, measure: Callable[..., Any] | None = None) -> list[Message]:
+    def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages in the spool now, oldest first, at most ``maxmsg`` (0 = all).
 
-        ``measure`` is the Session's ``Rewriter.measure``: sizes are then those of the served
-        form, and its verdict on foreign messages counts. Without it: the stored form.
+        Sizes (and the verdict on foreign messages) are the ``sizing`` object's: with the
+        worker's Rewriter those of the served form, with PLAIN those of the stored form.
         """
         messages: list[Message] = []
         self._records = {}
@@ -285,13 +288,27 @@ class Mbox:
                 last = found[-1][0] if found else None
                 self._prefix = _prefix_crc(fh, last.end + last.tail if last else 0)
                 for record, uid in found:  # after the parse: measuring moves the file offset
-                    size, foreign = record.size, record.foreign
-                    if measure is not None:
-                        size, foreign = _measured(measure, fh, record, uid)
+                    size, foreign = self._measured(fh, record, uid)
                     self._records[len(messages)] = record
                     messages.append(Message(index=len(messages), uid=uid, size=size,
                                             path=self.path, base=uid, foreign=foreign))
         return messages
+
+    def _measured(self, fh: BinaryIO, record: Record, uid: str) -> tuple[int, bool]:
+        """(served size, foreign?) of a record, keyed by UIDL, CRC and stored length."""
+        if self.sizing is PLAIN:
+            return record.size, record.foreign  # the parser counted it already
+
+        @contextmanager
+        def stored() -> Iterator[BinaryIO]:
+            stream = _copy_out(fh, record)
+            if stream is None:  # cannot happen under the lock the scan holds
+                raise OSError(errno.EIO, "spool changed while locked", uid)
+            with stream:
+                stream.seek(0)
+                yield stream
+
+        return self.sizing.size_of(("mbox", uid, record.crc, record.end - record.start), stored)
 
     def open_message(self, message: Message) -> BinaryIO:
         """The stored message (unquoted, without its From line), read under the spool locks."""
@@ -465,32 +482,6 @@ def _prefix_crc(fh: BinaryIO, length: int) -> tuple[int, int] | None:
         crc = zlib.crc32(data, crc)
         left -= len(data)
     return length, crc
-
-
-def _measured(measure: Callable[..., Any], fh: BinaryIO, record: Record,
-              uid: str) -> tuple[int, bool]:
-    """(served size, foreign?) from the Rewriter behind ``measure``, through its cache.
-
-    ``Rewriter.measure`` takes a file path; a spool message is a byte range, so the rewriter's
-    examine-a-stream step is used directly, keyed by UIDL, CRC and stored length.
-    """
-    rewriter = getattr(measure, "__self__", None)
-    examine = getattr(rewriter, "examine", None)
-    if examine is None:
-        raise TypeError(f"cannot measure mbox messages with {measure!r}")
-    key = (f"mbox:{uid}", record.crc, record.end - record.start, 0)
-    cache = getattr(rewriter, "cache", None)
-    value = cache.get(key) if cache is not None else None
-    if value is None:
-        stream = _copy_out(fh, record)
-        if stream is None:  # cannot happen under the lock the scan holds
-            raise OSError(errno.EIO, "spool changed while locked", uid)
-        with stream:
-            stream.seek(0)
-            value = examine(stream)
-        if cache is not None:
-            cache.put(key, value)
-    return value
 
 
 def _copy_range(source: BinaryIO, fd: int, start: int, stop: int | None,

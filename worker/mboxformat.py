@@ -25,7 +25,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-BLOCK = 1 << 20                # the parser reads this much at a time, cut at a line end
+from worker.storebase import SPOOL_CHUNK, UIDL_PATTERN
+
+BLOCK = SPOOL_CHUNK            # the parser reads this much at a time, cut at a line end
 HEADER_MAX = 256 * 1024        # a header block without a blank line in sight ends here
 _BLANK = (b"\n", b"\r\n")
 _QUOTED = re.compile(rb">*From ")
@@ -33,7 +35,7 @@ _QUOTED_LINES = re.compile(rb"(?m)^>+From ")
 _QUOTE_RUN = re.compile(rb"(?m)^>+(?=From )")
 _TO_QUOTE = re.compile(rb"(?m)^(?=>*From )")
 _UNQUOTE = re.compile(rb"(?m)^>(?=>*From )")
-_UIDL_OK = re.compile(rb"[\x21-\x7e]{1,70}")
+_UIDL_OK = re.compile(UIDL_PATTERN.encode("ascii"))
 _XUIDL = re.compile(rb"(?im)^x-uidl[ \t]*:[ \t]*(\S+)[ \t\r]*$")
 # Headers (with their folded lines) that MUAs and IMAP servers rewrite in a spool they
 # manage: left out of the UIDL digest.

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from shared.logsetup import THREAD, masked_command, session_logger
 from worker import replies as R
-from worker import rewrite, sasl
-from worker.maildir import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
+from worker import rewrite, sasl, store
+from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
 if TYPE_CHECKING:
@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
 SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
-_CHUNK = 256 * 1024  # fewer, larger sends: each send on loopback also runs the receive path
+# Fewer, larger sends: each send on loopback also runs the receive path. One read of a stored
+# message (worker.store.READ_CHUNK) is one send.
+_CHUNK = store.READ_CHUNK
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
 
 
@@ -290,9 +292,11 @@ class Session:
         if account is None:
             self._login_failed(user, failure)
             return
-        maildrop = self.ctx.maildrop_for(account)
         try:
-            maildrop.lock()
+            maildrop = self.ctx.maildrop_for(account)
+            # Lock and first scan walk directories and read files: in the pool (worker.store).
+            self.messages = self.ctx.offload(store.lock_and_scan, maildrop,
+                                             self.ctx.settings.maxmsg)
         except MaildropBusy:
             self.log.log(THREAD, "maildrop of %s in use", user)
             self.reply(R.IN_USE)
@@ -301,18 +305,10 @@ class Session:
             self.log.error("user %s: %s", user, exc)
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
-        try:
-            # A first scan of a big maildrop reads files: off the event loop, like hashing.
-            self.messages = self.ctx.offload(maildrop.scan, self.ctx.settings.maxmsg,
-                                             self.ctx.rewriter.measure)
         except OSError as exc:
-            maildrop.unlock()
             self.log.error("user %s: cannot read maildrop: %s", user, exc)
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
-        except BaseException:
-            maildrop.unlock()  # whatever went wrong, the maildrop must not stay locked
-            raise
         self.maildrop = maildrop
         self.account_name = account.name
         self.state = State.TRANSACTION
@@ -367,7 +363,7 @@ class Session:
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
             try:
-                kept = self.maildrop.commit(deleted)
+                kept = self.ctx.offload(self.maildrop.commit, deleted)  # pool: worker.store
             except OSError as exc:
                 self.log.error("update of %s failed: %s", self.account_name, exc)
                 self.release()
@@ -466,7 +462,7 @@ class Session:
 
     def _open(self, message: Message):
         try:
-            return self.maildrop.open_message(message)
+            return self.ctx.offload(self.maildrop.open_message, message)  # pool: worker.store
         except FileNotFoundError as exc:  # removed by another program since the scan
             self.log.error("cannot read message %s: %s", message.uid, exc)
             self.reply(R.NO_SUCH_MESSAGE)

@@ -2,7 +2,8 @@
 
 At login the session asks ``Rewriter.measure`` for each message's size (cached per worker, so
 LIST and STAT stay exact without re-reading); RETR and TOP take their bytes from ``render``.
-Only the header block is parsed; the body passes through in 64 KiB chunks for the DotStuffer.
+Only the header block is parsed; the body passes through in ``READ_CHUNK`` pieces for the
+DotStuffer. The stores size messages through ``Rewriter.size_of`` (the worker.store ``Sizing``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from worker.maildir import FOREIGN_FOLDER
+from worker.store import FOREIGN_FOLDER, READ_CHUNK, Opener
 
 if TYPE_CHECKING:
     from worker.context import ServerContext
 
-CHUNK = 256 * 1024
+CHUNK = READ_CHUNK
 HEADER_LIMIT = 1024 * 1024    # a longer header block is cut at its last whole line
 CACHE_ENTRIES = 50_000        # about 500 bytes each: 25 MB at most per worker
 
@@ -161,7 +163,9 @@ def new_id(slot: int, now: float | None = None) -> str:
 
 
 # -- sizes, cached ----------------------------------------------------------------------------
-CacheKey = tuple[str, int, int, int]   # (Maildir unique name, st_ino, st_size, st_mtime_ns)
+# The store's identity of the stored bytes: ("maildir", unique name, st_ino, st_size,
+# st_mtime_ns) or ("mbox", UIDL, CRC-32, stored length); the first word keeps them apart.
+CacheKey = Hashable
 
 
 class SizeCache(Protocol):
@@ -177,7 +181,8 @@ class MemoryCache:
     """An in-process LRU: a second session in this worker re-reads nothing.
 
     Maildir files are never rewritten in place (only renamed, which keeps inode, size and
-    mtime), so the unique name with inode, size and mtime_ns identifies the content.
+    mtime), so the unique name with inode, size and mtime_ns identifies the content; an mbox
+    record is identified by its UIDL, CRC and length.
     """
 
     def __init__(self, limit: int = CACHE_ENTRIES):
@@ -271,12 +276,16 @@ class Rewriter:
         From: rules, every octet for NUL (which makes it foreign) and the CRLF size. ``,W=``
         in the name is not trusted instead: it knows neither NUL nor the final CRLF.
         """
-        st = os.stat(path)
-        key = (base, st.st_ino, st.st_size, st.st_mtime_ns)
+        st = os.stat(path, follow_symlinks=False)
+        key = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
+        return self.size_of(key, lambda: open(path, "rb"))
+
+    def size_of(self, key: CacheKey, open_stored: Opener) -> tuple[int, bool]:
+        """The worker.store ``Sizing`` the stores call: from the cache, else read once."""
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        with open(path, "rb") as fh:
+        with open_stored() as fh:
             value = self.examine(fh)
         self.files_read += 1
         self.cache.put(key, value)

@@ -1,0 +1,93 @@
+"""The store's pure parts: the -mail spec parsed once, where the trusted part of a maildrop ends,
+the interface both stores offer, and a bad -mail or -wastebasket refused at start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from shared import maillocation
+from shared.users import Account
+from worker import store
+from worker.maildir import Maildir
+from worker.mbox import Mbox
+
+
+@pytest.mark.parametrize("spec, user, home, fixed, below", [
+    ("maildir:~/Maildir", "alice", "/home/alice", "/home/alice", ("Maildir",)),
+    ("maildir:/var/mail/%u/Maildir", "bob", "", "/var/mail", ("bob", "Maildir")),
+    ("maildir:/srv/mail/%u", "bob", "", "/srv/mail", ("bob",)),
+    ("maildir:/%u", "bob", "", "/", ("bob",)),
+    ("maildir:/srv/u-%u/x", "bob", "", "/srv", ("u-bob", "x")),
+    ("mbox:/var/mail/%u", "carol", "", "/var/mail", ("carol",)),
+    ("maildir:/srv/shared", "carol", "", "/srv/shared", ()),
+    ("maildir:~/", "alice", "/home/alice/", "/home/alice", ()),
+])
+def test_split_puts_the_administrators_part_above_what_a_user_controls(spec, user, home, fixed,
+                                                                      below):
+    """The fixed part is the admin's prefix before %u or the users-file home; the rest is walked."""
+    assert maillocation.parse(spec).split_for(user, home) == (fixed, below)
+
+
+@pytest.mark.parametrize("spec", ["", "maildir", "maildir:", "imap:/x", "mbox:/var/mail/",
+                                  "maildir:~alice/Maildir", "maildir:/a/../b", "maildir:~"])
+def test_bad_mail_specs_are_refused(spec):
+    """Unknown kinds, empty paths, ~user, .. components and a directory as mbox are errors."""
+    with pytest.raises(ValueError):
+        maillocation.parse(spec)
+
+
+def test_relative_mail_path_is_made_absolute_once():
+    """A relative path means the one of the start (the daemon later runs in /)."""
+    assert maillocation.normalized("maildir:mail/%u") == f"maildir:{os.getcwd()}/mail/%u"
+
+
+def test_home_template_needs_a_home():
+    """~/ without a home in the users file is the store's error, not a path under /."""
+    with pytest.raises(ValueError):
+        maillocation.parse("maildir:~/Maildir").split_for("alice", "")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-mail", "maildir"], "-mail must be maildir:PATH"),
+    (["-mail", "mbox:/var/mail/"], "names a spool file"),
+    (["-wastebasket", "../x"], "-wastebasket must be one folder name"),
+])
+def test_bad_store_settings_stop_the_start_with_one_line(tmp_path, args, words):
+    """A bad -mail or -wastebasket: one line on stderr and exit 2, before any worker starts."""
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}x::::::\n")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "-users", str(users), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2, out
+    assert out.stderr.strip().count("\n") == 0 and words in out.stderr, out.stderr
+
+
+def test_both_stores_offer_the_maildrop_interface():
+    """Maildir and Mbox have every method of worker.store.Maildrop."""
+    wanted = {name for name in vars(store.Maildrop) if not name.startswith("_")}
+    assert wanted == {"lock", "unlock", "scan", "open_message", "commit"}
+    for cls in (Maildir, Mbox):
+        assert wanted <= set(dir(cls)), cls
+
+
+def test_factory_picks_the_store_and_the_owner(tmp_path):
+    """open_maildrop: the kind from -mail, the owner from the users file's uid when there is one."""
+    class Settings:
+        mail = f"maildir:{tmp_path}/%u"
+        wastebasket = store.WASTEBASKET
+        purge_reclaim = False
+
+    drop = store.open_maildrop(Settings, Account("alice", "x", uid="1234"), store.PLAIN)
+    assert isinstance(drop, Maildir) and drop.owner == 1234
+    assert drop.path == f"{tmp_path}/alice"
+    Settings.mail = f"mbox:{tmp_path}/%u"
+    assert isinstance(store.open_maildrop(Settings, Account("bob", "x"), store.PLAIN), Mbox)
+    Settings.mail = "maildir:~/Maildir"
+    with pytest.raises(store.MaildropError):
+        store.open_maildrop(Settings, Account("carol", "x"), store.PLAIN)
