@@ -22,7 +22,7 @@ with atheris.instrument_imports():
     from shared import settings as settings_mod
     from shared.stats import StatsArea
     from shared.users import parse_users
-    from worker.context import ServerContext
+    from worker.context import build_context
     from worker.pop3 import Session
 
 USERS = "alice:{PLAIN}wonderland::::::\nbob:{PLAIN}builder pass::::::\n"
@@ -54,7 +54,7 @@ class Errors(logging.Handler):
 ERRORS = Errors()
 logging.getLogger("iupop3").addHandler(ERRORS)
 logging.getLogger("iupop3").setLevel(logging.ERROR)
-CTX = ServerContext(settings_mod.Settings(users="unused", mail=f"maildir:{FOLDER}/%u",
+CTX = build_context(settings_mod.Settings(users="unused", mail=f"maildir:{FOLDER}/%u",
                                           hostname="fuzz.example", auth_delay=0, auth_block=0,
                                           apop=True),
                     StatsArea.create(2, 0), 1, parse_users(USERS), sleep=lambda seconds: None)

@@ -17,6 +17,15 @@ from shared import passwords
 
 ACCOUNT_FLAGS = frozenset({"disuser", "dismail", "pwd_expired", "pwd2_expired", "nologin"})
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
+# The names a client may log in with (USER, APOP, AUTH) and the XTND file may grant to.
+USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
+
+
+def user_name(raw: str) -> str | None:
+    """The folded user name, or None for one that could name a path or fool a log: only
+    ASCII letters, digits and ``._@+-``, at most 64, checked before folding (a Kelvin sign
+    folds to "k")."""
+    return raw.lower() if raw.isascii() and USER_NAME.fullmatch(raw) else None
 
 
 class UsersFileError(ValueError):

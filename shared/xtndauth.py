@@ -9,15 +9,14 @@ at startup).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from shared.users import user_name
+
 # The commands that need the file's blessing; XTND CLIENT needs none (IUPOP3 1.8 README).
 PRIVILEGED = ("loglevel", "shutdown", "stats")
-# The same shape the POP3 session accepts in USER (names are folded to lower case).
-_USER_NAME = re.compile(r"[a-z0-9_][a-z0-9._@+-]{0,63}")
 
 
 class XtndAuthError(ValueError):
@@ -59,8 +58,8 @@ def parse(text: str, source: str) -> XtndAuth:
                                 f" (known: {', '.join(PRIVILEGED)})")
         users = grants.setdefault(command, set())
         for word in words[1:]:
-            name = word.lower()
-            if not _USER_NAME.fullmatch(name):
+            name = user_name(word)  # the shape a client may log in with, folded the same way
+            if name is None:
                 raise XtndAuthError(f"{source} line {number}: invalid user name {word!r}")
             users.add(name)
     return XtndAuth(MappingProxyType({c: frozenset(u) for c, u in grants.items()}), source)

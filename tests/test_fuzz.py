@@ -27,10 +27,11 @@ from conftest import USERS, assert_healthy, sample, write_message
 from shared import settings as settings_mod
 from shared.stats import StatsArea
 from test_attack import no_control_characters_logged, read_all
+from shared.users import USER_NAME as _USER_NAME
 from shared.users import parse_users
 from worker import replies as R
-from worker.context import ServerContext
-from worker.pop3 import MAX_LINE, Session, _USER_NAME, verbs
+from worker.context import build_context
+from worker.pop3 import MAX_LINE, Session, verbs
 
 MULTILINE = {"CAPA", "LIST", "UIDL", "RETR", "TOP", "AUTH"}  # when +OK (LIST/UIDL: no argument)
 
@@ -497,7 +498,7 @@ def test_session_never_errs_on_any_line(lines):
             write_message(folder / "alice", f"{1700000000 + n}.M{n}.t", sample(n))
         values = dict(users="unused", mail=f"maildir:{folder}/%u", hostname="fuzz.example",
                       auth_delay=0, auth_block=0)
-        ctx = ServerContext(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
+        ctx = build_context(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
                             parse_users("".join(f"{u}:{{PLAIN}}{p}::::::\n"
                                                 for u, p in USERS.items())))
         out: list[bytes] = []

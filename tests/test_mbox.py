@@ -23,7 +23,7 @@ from shared import settings as settings_mod
 from shared.stats import StatsArea
 from shared.users import parse_users
 from worker import replies as R
-from worker.context import ServerContext
+from worker.context import build_context
 from worker.store import MaildropBusy, MaildropError
 from worker import mbox as mbox_mod, mboxformat
 from worker.mbox import Mbox
@@ -547,7 +547,7 @@ def test_session_on_a_spool_retrieves_deletes_and_updates(tmp_path):
     (spool_dir / "alice").write_bytes(spool_of(messages))
     values = dict(users="unused", mail=f"mbox:{spool_dir}/%u", hostname="pop.example.org",
                   maxmsg=0)
-    ctx = ServerContext(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
+    ctx = build_context(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
                         parse_users("alice:{PLAIN}secret::::::\n"))
     out: list[bytes] = []
     session = Session(ctx, out.append, "127.0.0.1:4000", "t")

@@ -20,7 +20,7 @@ from shared.logsetup import THREAD, log
 from shared.stats import StatsArea
 from shared.users import parse_users
 from worker import rewrite
-from worker.context import ServerContext
+from worker.context import build_context
 from worker.maildir import Maildir
 from worker.store import FOREIGN_FOLDER
 from worker.pop3 import Session
@@ -102,14 +102,14 @@ class Drop:
             (self.maildir / sub).mkdir(parents=True, exist_ok=True)
         values = dict(users="unused", mail=f"maildir:{root}/%u", hostname=HOST, maxmsg=0)
         values.update(overrides)
-        self.ctx = ServerContext(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
+        self.ctx = build_context(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
                                  parse_users("alice:{PLAIN}secret::::::\n"))
         self.serial = 0
         self.out: list[bytes] = []
         self.session: Session | None = None
 
     def close(self) -> None:
-        os.close(self.ctx.stats.fd)  # the mapping stays valid until collected
+        os.close(self.ctx.stats.area.fd)  # the mapping stays valid until collected
 
     def deliver(self, data: bytes, sub: str = "new") -> Path:
         self.serial += 1

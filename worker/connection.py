@@ -74,12 +74,12 @@ class Connection:
 
     def _new_session(self, secure: bool) -> Session:
         return Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
-                       tls_available=self.ctx.tls_context is not None, local=self.local,
+                       tls_available=self.ctx.tls.context is not None, local=self.local,
                        address=self.address)
 
     def _start_tls(self) -> None:
         """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
-        context = self.ctx.tls_context
+        context = self.ctx.tls.context
         # The whole handshake is bounded, not each read: a trickled ClientHello is a slowloris.
         with Timeout(self.ctx.settings.timeout, TimeoutError("TLS handshake too slow")):
             self.sock = context.wrap_socket(self.sock, server_side=True)
@@ -97,7 +97,7 @@ class Connection:
             sent = self.sock.send(data)
             if sent < len(data):
                 # The client does not read as fast as we write: IUPOP3's "Blocked Socket Count".
-                self.ctx.count(Counter.BLOCKED)
+                self.ctx.stats.count(Counter.BLOCKED)
                 self.sock.sendall(memoryview(data)[sent:])
         except TimeoutError:
             raise
@@ -106,12 +106,12 @@ class Connection:
 
     def serve(self) -> None:
         ctx, session = self.ctx, self.session
-        ctx.count(Counter.CURRENT)
+        ctx.stats.count(Counter.CURRENT)
         # RECEIVED only after CURRENT: the supervisor reads RECEIVED, then CURRENT, so on the
         # other core it may count this session twice for an instant but never miss it
         # (the other order let a burst exceed -maxclients by one: tests/test_attack.py).
-        ctx.count(Counter.RECEIVED)
-        ctx.count(Counter.TOTAL)
+        ctx.stats.count(Counter.RECEIVED)
+        ctx.stats.count(Counter.TOTAL)
         outcome = Counter.ABNORMAL
         try:
             self.sock.settimeout(ctx.settings.timeout)
@@ -139,10 +139,10 @@ class Connection:
         finally:
             session = self.session
             session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
-            ctx.count(outcome)
-            ctx.count(Counter.CURRENT, -1)
+            ctx.stats.count(outcome)
+            ctx.stats.count(Counter.CURRENT, -1)
             if ctx.settings.max_per_address:
-                ctx.tell_supervisor(Kind.CLOSED, keytable.digest(self.address))
+                ctx.supervisor.tell(Kind.CLOSED, keytable.digest(self.address))
             self.sock.close()
 
     def _read_loop(self) -> None:

@@ -24,9 +24,11 @@ from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
 from shared.users import UsersFileError, load_users
-from worker.connection import Connection
 from worker import xtnd
-from worker.context import ServerContext
+from worker.connection import Connection
+from worker.context import ServerContext, build_context
+from worker.reloading import Reloader
+from worker.supervisorlink import SupervisorLink
 
 CHANNEL_FD = 3
 STATS_FD = 4
@@ -34,22 +36,22 @@ TICK_SECONDS = 1.0
 
 
 class Worker:
-    def __init__(self, slot: int, settings, stats: StatsArea, ctx: ServerContext):
+    def __init__(self, slot: int, settings, stats: StatsArea, ctx: ServerContext,
+                 link: SupervisorLink, reloader: Reloader, handler=None):
         self.slot = slot
         self.settings = settings
         self.stats = stats
         self.ctx = ctx
+        self.link = link
         self.sessions = gevent.pool.Group()
-        self.channel = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
-                                            fileno=CHANNEL_FD)
+        self.channel = link.channel
         self.draining = False
         self.supervisor_gone = False
         self.drain_started = gevent.event.Event()
         self.drain_deadline: float | None = None
         self.serial = 0
-        self.handler = None
-        self.reloader = xtnd.AuthReloader(ctx, settings.xtnd)
-        ctx.tell_supervisor = self.tell_supervisor
+        self.handler = handler  # the log file's handler (None when logging to stdout)
+        self.reloader = reloader
 
     def run(self) -> int:
         self.stats.set(self.slot, Counter.PID, os.getpid())
@@ -59,7 +61,6 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
         ticker = gevent.spawn(self.tick)
         receiver = gevent.spawn(self.receive)
-        self.reloader.reload("startup")
         self.reloader.watch()
         log.info("worker %d ready, pid %d", self.slot, os.getpid())
         self.drain_started.wait()
@@ -117,9 +118,7 @@ class Worker:
                 log.error("cannot reopen the log file: %s", exc)
         elif frame.kind is Kind.RELOAD:
             log.info("reload requested")
-            self.reloader.reload("reload request")
-            self.ctx.reload_tls()
-            self.ctx.reload_users()
+            self.reloader.reload_all("reload request")
 
     def refuse(self, fd: int) -> None:
         sock = stdsocket.socket(fileno=fd)
@@ -140,13 +139,8 @@ class Worker:
         connection.serve()
 
     def tell_supervisor(self, kind: Kind, argument: int = 0) -> bool:
-        """Send a frame up the channel (XTND LOGLEVEL, SHUTDOWN); False if it cannot go."""
-        try:
-            handoff.send_frame(self.channel, kind, argument)
-        except OSError as exc:
-            log.error("cannot tell the supervisor %s: %s", kind.name, exc)
-            return False
-        return True
+        """Send a frame up the channel (DRAINING, CLOSED); False if it cannot go."""
+        return self.link.tell(kind, argument)
 
     def begin_drain(self, deadline_seconds: int = 0) -> None:
         """Stop taking work; sessions get ``deadline_seconds`` (0 = as long as they need)."""
@@ -223,12 +217,13 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     hub = gevent.get_hub()
-    ctx = ServerContext(settings, stats, slot, users,
-                        run_blocking=lambda f, *a: in_threadpool(hub, f, *a),
-                        sleep=gevent.sleep)
-    worker = Worker(slot, settings, stats, ctx)
-    worker.handler = handler
-    return worker.run()
+    link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
+                                               fileno=CHANNEL_FD))
+    ctx = build_context(settings, stats, slot, users,
+                        offload=lambda f, *a: in_threadpool(hub, f, *a),
+                        sleep=gevent.sleep, supervisor=link)
+    reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
+    return Worker(slot, settings, stats, ctx, link, reloader, handler).run()
 
 
 if __name__ == "__main__":

@@ -7,34 +7,22 @@ says which state admits which verb.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from shared.logsetup import THREAD, masked_command, session_logger
+from shared.users import Account, user_name
 from worker import replies as R
 from worker import rewrite, sasl, store
 from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
+from worker.context import ServerContext
 from worker.wire import DotStuffer
-
-if TYPE_CHECKING:
-    from shared.users import Account
-    from worker.context import ServerContext
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
 SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
 # Fewer, larger sends: each send on loopback also runs the receive path. One read of a stored
 # message (worker.store.READ_CHUNK) is one send.
 _CHUNK = store.READ_CHUNK
-_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
-
-
-def user_name(raw: str) -> str | None:
-    """The folded user name, or None for one that could name a path or fool a log: only
-    ASCII letters, digits and ``._@+-``, at most 64, checked before folding (a Kelvin sign
-    folds to "k")."""
-    return raw.lower() if raw.isascii() and _USER_NAME.fullmatch(raw) else None
 
 
 class ConnectionLost(Exception):
@@ -60,7 +48,7 @@ CAPABILITIES = ("TOP", "USER", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CO
 class Session:
     """The server half of one POP3 conversation."""
 
-    def __init__(self, ctx: "ServerContext", write: Callable[[bytes], None], peer: str,
+    def __init__(self, ctx: ServerContext, write: Callable[[bytes], None], peer: str,
                  session_id: str, *, secure: bool = False, tls_available: bool = False,
                  local: bool = True, address: str = ""):
         self.ctx = ctx
@@ -73,7 +61,7 @@ class Session:
         self.start_tls = False                # set by STLS: the connection starts TLS next
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
-        self.apop_timestamp = ctx.apop_timestamp() if ctx.settings.apop else ""
+        self.apop_timestamp = ctx.accounts.apop_timestamp() if ctx.settings.apop else ""
         self.log = session_logger(session_id)
         self.state = State.AUTHORIZATION
         self.closing = False          # the connection closes once this reply is out
@@ -187,7 +175,7 @@ class Session:
             return
         user, self.user = self.user, None
         # PASS takes the rest of the line verbatim: passwords may contain spaces.
-        self._login(user, lambda: self.ctx.authenticate(user, rest))
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, rest))
 
     def pop_APOP(self, rest: bytes) -> None:
         args = self._args("APOP", rest, (2,))
@@ -200,7 +188,7 @@ class Session:
         if name is None:
             self.reply(R.BAD_USER_NAME)
             return
-        self._login(name, lambda: self.ctx.authenticate_apop(name, self.apop_timestamp, digest))
+        self._login(name, lambda: self.ctx.accounts.authenticate_apop(name, self.apop_timestamp, digest))
 
     def pop_AUTH(self, rest: bytes) -> None:
         args = rest.split()
@@ -253,7 +241,7 @@ class Session:
             self._sasl_failed(None)
             return
         password = credentials[1]
-        self._login(user, lambda: self.ctx.authenticate(user, password), R.SASL_FAILED)
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, password), R.SASL_FAILED)
 
     def _auth_login_user(self, response: bytes) -> None:
         if response.strip() == sasl.CANCEL:
@@ -278,9 +266,9 @@ class Session:
         if password is None:
             self._sasl_failed(user)
             return
-        self._login(user, lambda: self.ctx.authenticate(user, password), R.SASL_FAILED)
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, password), R.SASL_FAILED)
 
-    def _login(self, user: str, check: Callable[[], "Account | None"],
+    def _login(self, user: str, check: Callable[[], Account | None],
                failure: str = R.NOT_ACCESSIBLE) -> None:
         """Authenticate with ``check``, then open and lock the maildrop (TRANSACTION)."""
         if self.ctx.guard.blocked(self.address):
@@ -312,14 +300,14 @@ class Session:
         self.maildrop = maildrop
         self.account_name = account.name
         self.state = State.TRANSACTION
-        self.ctx.user_logged_in(self)
+        self.ctx.stats.user_logged_in(id(self), account.name)
         self.log.log(THREAD, "user %s logged in from %s, %d messages", user, self.peer,
                      len(self.messages))
         self.reply(R.LOGIN_OK)
 
     def _login_failed(self, user: str, reply: str = R.NOT_ACCESSIBLE) -> None:
         self.failures += 1
-        self.ctx.auth_failed()
+        self.ctx.stats.auth_failed()
         delay = self.ctx.guard.failed(self.address, user)
         self.log.log(THREAD, "login failed for %s from %s (attempt %d), delay %.0fs", user,
                      self.peer, self.failures, delay)
@@ -422,7 +410,7 @@ class Session:
                          xid)
             pieces = self.ctx.rewriter.render(fh, message.foreign, xid)
             self._send_multiline(R.RETR.format(octets=message.size), pieces)
-        self.ctx.retrieved(message.size)
+        self.ctx.stats.retrieved(message.size)
 
     def pop_TOP(self, rest: bytes) -> None:
         args = self._args("TOP", rest, (2,))
@@ -508,7 +496,7 @@ class Session:
         if self.maildrop is not None:
             self.maildrop.unlock()
             self.maildrop = None
-            self.ctx.user_logged_out(self)
+            self.ctx.stats.user_logged_out(id(self))
 
 
 def verbs() -> set[str]:

@@ -13,15 +13,20 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from worker.store import FOREIGN_FOLDER, READ_CHUNK, Opener
 
-if TYPE_CHECKING:
-    from worker.context import ServerContext
+
+class _Identity(Protocol):
+    """What the rules are read from: the worker's context (worker/context.py)."""
+
+    settings: Any
+    hostname: str
+    version: str
+
 
 CHUNK = READ_CHUNK
 HEADER_LIMIT = 1024 * 1024    # a longer header block is cut at its last whole line
@@ -225,7 +230,7 @@ class Rules:
     ignore_mail11_headers: bool = False
 
     @classmethod
-    def from_context(cls, ctx: "ServerContext") -> "Rules":
+    def from_context(cls, ctx: _Identity) -> "Rules":
         settings = ctx.settings
         return cls(_printable(ctx.hostname), ctx.version, bool(settings.personal_name),
                    bool(settings.ignore_mail11_headers))
