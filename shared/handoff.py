@@ -29,7 +29,7 @@ class Kind(IntEnum):
     # supervisor -> worker
     CONNECTION = 1   # carries the accepted client socket; argument = PLAIN or IMPLICIT_TLS
     DRAIN = 2        # stop taking work, finish sessions; argument = deadline seconds, 0 = none
-    LOGLEVEL = 3     # argument = index into LOG_LEVELS
+    LOGLEVEL = 3     # argument = index into shared.logsetup.LEVEL_NAMES
     RELOAD = 4       # re-read the XTND authorization file
     REOPEN_LOG = 5   # the log file was rotated
     # worker -> supervisor

@@ -17,9 +17,12 @@ import time
 
 THREAD = 15
 logging.addLevelName(THREAD, "THREAD")
-LEVELS = {"ERROR": logging.ERROR, "INFO": logging.INFO, "THREAD": THREAD, "DEBUG": logging.DEBUG}
-LEVEL_NAMES = tuple(LEVELS)  # index order matches shared.settings.LOG_LEVELS
-FLUSH_SECONDS = 180
+# The four levels, least verbose first. Processes pass a level as its index in this tuple
+# (the stats header word, handoff frames), so the order is part of that format.
+LEVEL_NAMES = ("ERROR", "INFO", "THREAD", "DEBUG")
+LEVELS = dict(zip(LEVEL_NAMES, (logging.ERROR, logging.INFO, THREAD, logging.DEBUG)))
+LEVEL_CHOICES = ", ".join(LEVEL_NAMES[:-1]) + " or " + LEVEL_NAMES[-1]  # for help and -ERR text
+FLUSH_SECONDS = 180  # IUPOP3 1.8 flushed its log every 3 minutes; the -log_flush default
 BUFFER_BYTES = 64 * 1024
 MASK = "********"
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import maillocation
-
-LOG_LEVELS = ("ERROR", "INFO", "THREAD", "DEBUG")
+from shared.logsetup import FLUSH_SECONDS, LEVEL_CHOICES, LEVEL_NAMES
 
 
 class SettingsError(ValueError):
@@ -34,7 +33,6 @@ class Setting:
     choices: tuple[str, ...] = ()
     minimum: int | None = None
     maximum: int | None = None
-    section: str = "server"
     # Checks a converted value and returns the form to keep; ValueError says what is wrong.
     validator: Callable[[Any], Any] | None = None
 
@@ -124,10 +122,10 @@ SETTINGS: tuple[Setting, ...] = (
             "TCP port for POP3; 0 gives every listener a free port, logged (for tests)",
             minimum=0, maximum=65535),
     Setting("xtnd", "path", "", "authorization file for the privileged XTND commands"),
-    Setting("loglevel", "choice", "THREAD", "initial logging level: ERROR, INFO, THREAD or DEBUG",
-            choices=LOG_LEVELS),
+    Setting("loglevel", "choice", "THREAD", f"initial logging level: {LEVEL_CHOICES}",
+            choices=LEVEL_NAMES),
     Setting("logfile", "path", "", "log to this file (new file each midnight) instead of stdout"),
-    Setting("log_flush", "int", 180,
+    Setting("log_flush", "int", FLUSH_SECONDS,
             "seconds a line may wait in the log file's buffer (ERROR lines never wait); 0 = none",
             minimum=0, maximum=3600),
     Setting("maxmsg", "int", 20, "most messages a session may discover, oldest first; 0 = no limit",

@@ -34,7 +34,7 @@ class Header(IntEnum):
     VERSION = 1
     NSLOTS = 2
     START_TIME = 3
-    LOGLEVEL = 4  # index into shared.settings.LOG_LEVELS
+    LOGLEVEL = 4  # index into shared.logsetup.LEVEL_NAMES
 
 
 class Table(IntEnum):

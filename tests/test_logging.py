@@ -27,7 +27,8 @@ from processes import all_pids, stat, wait_until
 from shared import logsetup
 from supervisor.rotation import MidnightRotation
 
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) (ERROR |INFO  |THREAD|DEBUG ) "
+_LEVEL_FIELD = "|".join(f"{name:<6}" for name in logsetup.LEVEL_NAMES)  # padded as logged
+LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) (" + _LEVEL_FIELD + ") "
                   r"(supervisor|worker-\d+) (-|w\d+\.\d+) (.*)$")
 
 

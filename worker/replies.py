@@ -1,8 +1,12 @@
-"""Every reply line the server sends, by name; tests import the same constants.
+"""The POP3 session's status lines, by name; tests import the same constants.
 
-The wording of the IUPOP3 1.8 README's transcript is kept where it quotes one; response codes
-are RFC 2449 / RFC 3206.
+XTND's replies live in worker/xtnd.py, the supervisor's refusals in shared/refusal.py; the lines
+of a multi-line answer (CAPA, AUTH's mechanism list) are written where they are built. The
+wording of the IUPOP3 1.8 README's transcript is kept where it quotes one; response codes are
+RFC 2449 / RFC 3206.
 """
+
+from shared.refusal import SHUTTING_DOWN_TEXT
 
 GREETING = "+OK IUPOP3 server V{version} at {host}, up since {since}"
 PASSWORD_REQUIRED = '+OK Password required for "{user}"'
@@ -25,7 +29,6 @@ BAD_USER_NAME = "-ERR [AUTH] invalid user name"
 ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
-AUTH_UNAVAILABLE = "-ERR [SYS/TEMP] authentication is unavailable now"
 
 UNKNOWN_COMMAND = "-ERR unknown command"
 WRONG_STATE = "-ERR command not valid in this state"
@@ -35,8 +38,7 @@ NO_SUCH_MESSAGE = "-ERR no such message"
 ALREADY_DELETED = "-ERR message {n} already deleted"
 SERVER_ERROR = "-ERR [SYS/TEMP] internal server error"
 TIMEOUT = "-ERR [SYS/TEMP] connection timed out after {seconds} seconds of silence"
-SHUTTING_DOWN = "-ERR [SYS/TEMP] server is shutting down, try again later"
-TOO_MANY_SESSIONS = "-ERR [SYS/TEMP] too many sessions ({limit}), try again later"
+SHUTTING_DOWN = SHUTTING_DOWN_TEXT
 UPDATE_FAILED = "-ERR [SYS/TEMP] some deleted messages were not removed"
 
 STAT = "+OK {count} {octets}"

@@ -48,7 +48,7 @@ SHUTDOWN_OK = "+OK shutting down: no new sessions, exit once every session has e
 NOT_ALLOWED = '-ERR XTND {command} not allowed for "{user}"'
 UNKNOWN = "-ERR unknown XTND command"
 BAD_ARGUMENTS = "-ERR wrong arguments for XTND {command}"
-BAD_LEVEL = "-ERR unknown logging level, use ERROR, INFO, THREAD or DEBUG"
+BAD_LEVEL = f"-ERR unknown logging level, use {logsetup.LEVEL_CHOICES}"
 NO_SUPERVISOR = "-ERR [SYS/TEMP] the server cannot take that command now"
 
 
