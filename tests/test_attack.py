@@ -328,14 +328,17 @@ def test_connection_burst_past_maxclients(start_server, limit, burst):
     finally:
         crowd.close()
     inside.quit()
-    deadline = time.monotonic() + 10
-    while True:  # the slots free once the workers have seen the closes
+    served: list[poplib.POP3] = []
+
+    def carol_served() -> bool:
         try:
-            client = server.login("carol")
-            break
+            served.append(server.login("carol"))
         except poplib.error_proto:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return False
+        return True
+
+    assert wait_until(carol_served, 10)  # the slots free once the workers have seen the closes
+    client = served[0]
     assert client.stat()[0] == 3
     client.quit()
     assert_healthy(server)

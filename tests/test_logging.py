@@ -317,9 +317,8 @@ def test_short_flush_interval_reaches_the_disk(logged_server):
     """-log_flush 1: a session's lines are in the file within seconds, while it is still open."""
     server = logged_server("-loglevel", "THREAD", "-log_flush", "1")
     client = server.login("carol")
-    started = time.monotonic()
-    assert server.log_has(r"THREAD worker-\d w\d+\.\d+ PASS \*{8}", timeout=5)
-    assert time.monotonic() - started < 4
+    # within seconds (-log_flush 1), not after the default 180 s: a wide margin either way
+    assert server.log_has(r"THREAD worker-\d w\d+\.\d+ PASS \*{8}", timeout=30)
     client.quit()
 
 

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from conftest import USERS, sample, write_message
+from processes import wait_until
 from worker import replies as R
 
 
@@ -159,21 +160,25 @@ def test_dropped_connection_deletes_nothing(server):
     again.quit()
 
 
-def _retry_login(server, user: str, attempts: int = 50) -> poplib.POP3:
+def _retry_login(server, user: str, timeout: float = 5.0) -> poplib.POP3:
     """Log in, retrying while the previous session's lock is being released."""
-    import time
-    for _ in range(attempts):
+    logged_in: list[poplib.POP3] = []
+
+    def attempt() -> bool:
         client = server.pop()
         client.user(user)
         try:
             client.pass_(USERS[user])
-            return client
         except poplib.error_proto as exc:
             client.close()
             if b"IN-USE" not in exc.args[0]:
                 raise
-            time.sleep(0.1)
-    raise AssertionError("maildrop stayed locked")
+            return False
+        logged_in.append(client)
+        return True
+
+    assert wait_until(attempt, timeout, step=0.1), "maildrop stayed locked"
+    return logged_in[0]
 
 
 def test_mail_delivered_during_session_not_shown_not_lost(server):

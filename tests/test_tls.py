@@ -16,6 +16,7 @@ import warnings
 import pytest
 
 from conftest import ROOT, USERS, make_cert
+from processes import wait_until
 from worker import replies as R
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
@@ -144,8 +145,8 @@ def test_certificate_reload_on_sighup_keeps_sessions(tls_server, tmp_path):
     mark = tls_server.mark()
     tls_server.signal(signal.SIGHUP)
     tls_server.wait_for("worker 1 .*reload|reload requested", start=mark)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def new_certificate_served() -> bool:
         raw = socket.create_connection(("127.0.0.1", tls_server.tls_port), timeout=10)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
@@ -153,10 +154,9 @@ def test_certificate_reload_on_sighup_keeps_sessions(tls_server, tmp_path):
         tls = context.wrap_socket(raw)
         der = tls.getpeercert(binary_form=True)
         tls.close()
-        if der == ssl.PEM_cert_to_DER_cert(new_cert.read_text()):
-            break
-        assert time.monotonic() < deadline, "new certificate not served"
-        time.sleep(0.2)
+        return der == ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+
+    assert wait_until(new_certificate_served, 10, step=0.2), "new certificate not served"
     assert old_session.stat()[0] == 3
     old_session.quit()
 
