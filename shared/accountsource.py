@@ -136,8 +136,9 @@ def site_dummy(hashes: Collection[str]) -> str:
     return made.decode("ascii") if made else passwords.split_scheme(passwords.DUMMY)[1]
 
 
-def default_setting() -> str:
-    """libxcrypt's default method with fresh salt (yescrypt on Debian), "" if unavailable."""
+def default_setting(prefix: str | None = None) -> str:
+    """A setting with fresh salt for ``prefix`` ("$y$") or libxcrypt's default method (yescrypt
+    on Debian); "" if unavailable."""
     try:
         gensalt = ctypes.CDLL("libcrypt.so.1").crypt_gensalt_rn
     except (OSError, AttributeError):
@@ -146,7 +147,7 @@ def default_setting() -> str:
                         ctypes.c_char_p, ctypes.c_int]
     gensalt.restype = ctypes.c_char_p
     out = ctypes.create_string_buffer(256)
-    made = gensalt(None, 0, None, 0, out, len(out))
+    made = gensalt(prefix.encode("ascii") if prefix else None, 0, None, 0, out, len(out))
     return made.decode("ascii") if made else ""
 
 
