@@ -217,3 +217,235 @@ def test_passwd_file_source_verdicts():
         "wrong password", "closed in the users file (disuser)", "listed in -deny-users",
         "unknown user"]
     assert not source.needs_thread("alice")
+
+
+# -- real system accounts ---------------------------------------------------------------------------
+def _why_not_system_accounts(config) -> str | None:
+    if not (os.environ.get("CI") or config.getoption("--system-accounts")):
+        return "creates real system users: runs when CI is set or with --system-accounts"
+    if os.geteuid() != 0:
+        return "creates real system users with useradd: needs root"
+    missing = [tool for tool in ("useradd", "userdel", "chpasswd", "chage", "usermod",
+                                 "groupadd", "groupdel") if shutil.which(tool) is None]
+    if missing:
+        return f"needs {' '.join(missing)} (Debian package passwd)"
+    if not os.path.isdir("/etc/pam.d"):
+        return "needs Linux-PAM (/etc/pam.d)"
+    return None
+
+
+def _run(*command: str, stdin: str | None = None) -> None:
+    subprocess.run(command, input=stdin, text=True, check=True, capture_output=True, timeout=60)
+
+
+def _exists(name: str, database=pwd.getpwnam) -> bool:
+    try:
+        database(name)
+    except KeyError:
+        return False
+    return True
+
+
+@dataclass
+class Site:
+    """What the tests made: users by role, their passwords, the group and the PAM services."""
+
+    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
+    users: dict[str, str] = field(default_factory=dict)  # role -> user name
+    passwords: dict[str, str] = field(default_factory=dict)  # role -> password
+    groups: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        return f"{PREFIX}{self.suffix}g"
+
+    def add_group(self, name: str) -> None:
+        self.groups.append(name)
+        _run("groupadd", name)
+
+    def add_user(self, role: str, *options: str, method: str = "") -> str:
+        """useradd a user with a home, then chpasswd its password (-c METHOD if given)."""
+        name = f"{PREFIX}{self.suffix}{role}"
+        self.users[role] = name
+        _run("useradd", "-m", *options, name)
+        self.passwords[role] = password = secrets.token_urlsafe(12) + " x"
+        _run("chpasswd", *(("-c", method) if method else ()), stdin=f"{name}:{password}\n")
+        return name
+
+    def install(self, path: Path, text: str) -> Path:
+        self.files.append(path)
+        path.write_text(text)
+        return path
+
+    def remove_all(self) -> list[str]:
+        """Delete everything made (each step on its own); the names still present after."""
+        for name in self.users.values():
+            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=60)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        left = [n for n in self.users.values() if _exists(n)]
+        left += [n for n in self.groups if _exists(n, grp.getgrnam)]
+        left += [str(p) for p in self.files if p.exists()]
+        return left + [n for n in self.users.values() if os.path.exists(f"/home/{n}")]
+
+
+@contextlib.contextmanager
+def system_site():
+    """A Site whose users, groups and files are deleted on the way out, even on failure;
+    leaving any behind fails the test that used it."""
+    site = Site()
+    try:
+        yield site
+    finally:
+        left = site.remove_all()
+        assert not left, f"test users, groups or files left behind: {left}"
+
+
+PAM_EXAMPLE = (ROOT / "etc" / "pam.d" / "iupop3").read_text()
+
+
+@pytest.fixture(scope="module")
+def site(request):
+    """Real users for every SYSUAF-flag counterpart, a group "pop" for -allow-groups, and the
+    example PAM service installed under a name of the tests' own."""
+    reason = _why_not_system_accounts(request.config)
+    if reason:
+        pytest.skip(reason)
+    with system_site() as made:
+        made.add_group(made.group)
+        member = ("-s", "/bin/bash", "-G", made.group)
+        made.add_user("sha", *member, method="SHA512")
+        made.add_user("yes", *member)  # Debian's chpasswd default: yescrypt
+        made.add_user("lock", *member)
+        _run("usermod", "-L", made.users["lock"])
+        made.add_user("exp", *member)
+        _run("chage", "-E", "0", made.users["exp"])
+        made.add_user("chg", *member)
+        _run("chage", "-d", "0", made.users["chg"])
+        made.add_user("nol", "-s", "/usr/sbin/nologin", "-G", made.group)
+        made.add_user("out", "-s", "/bin/bash")
+        made.install(Path("/etc/pam.d") / f"{PREFIX}{made.suffix}", PAM_EXAMPLE)
+        yield made
+
+
+def _source(site: Site, users: str, **overrides):
+    values = {"users": users, "allow_groups": (site.group,)} | overrides
+    return A.open_source(S.Settings(**values))
+
+
+def _shadow_hash(name: str) -> str:
+    return shadowfile.find_entry(shadowfile.read_shadow(), name).password
+
+
+def test_the_site_is_what_the_tests_think(site):
+    """chpasswd -c SHA512 wrote $6$, the default yescrypt $y$, usermod -L a "!" in front."""
+    assert _shadow_hash(site.users["sha"]).startswith("$6$")
+    assert _shadow_hash(site.users["yes"]).startswith("$y$")
+    assert _shadow_hash(site.users["lock"]).startswith("!$y$")
+    assert pwd.getpwnam(site.users["yes"]).pw_uid >= 1000
+
+
+SHADOW_REASONS = {"lock": "locked", "exp": "account expired", "chg": "must be changed",
+                  "nol": "no-login shell", "out": "not in -allow-groups"}
+PAM_REASONS = {"lock": "PAM authentication", "exp": "PAM account", "chg": "PAM account",
+               "nol": "no-login shell", "out": "not in -allow-groups"}
+
+
+@pytest.mark.parametrize("users, reasons", [("shadow:", SHADOW_REASONS),
+                                            ("pam:", PAM_REASONS)])
+def test_system_account_verdicts(site, users, reasons):
+    """SHA512-CRYPT and yescrypt users log in; each closed account is refused with the right
+    password, and every refusal is a Verdict without an account, as a wrong password is."""
+    spec = users if users == "shadow:" else f"pam:{PREFIX}{site.suffix}"
+    source = _source(site, spec)
+    for role in ("sha", "yes"):
+        verdict = source.authenticate(site.users[role], site.passwords[role].encode(), "127.0.0.1")
+        assert verdict.accepted, (role, verdict)
+        assert verdict.account.home == f"/home/{site.users[role]}"
+        assert int(verdict.account.uid) == pwd.getpwnam(site.users[role]).pw_uid
+        wrong = source.authenticate(site.users[role], b"not the password", "127.0.0.1")
+        assert wrong.account is None and not wrong.fault
+    for role, words in reasons.items():
+        verdict = source.authenticate(site.users[role], site.passwords[role].encode(),
+                                      "127.0.0.1")
+        assert verdict.account is None and words in verdict.reason, (role, verdict)
+    unknown = source.authenticate(f"{PREFIX}{site.suffix}none", b"x", "127.0.0.1")
+    assert unknown == A.Verdict(None, "unknown user")
+
+
+@pytest.mark.parametrize("users", ["shadow:", "pam:"])
+def test_min_uid_and_deny_users_on_real_accounts(site, users):
+    """-min-uid above the users' uids and -deny-users close accounts with a right password."""
+    spec = users if users == "shadow:" else f"pam:{PREFIX}{site.suffix}"
+    name, password = site.users["yes"], site.passwords["yes"].encode()
+    uid = pwd.getpwnam(name).pw_uid
+    high = _source(site, spec, min_uid=uid + 1).authenticate(name, password, "127.0.0.1")
+    assert high.account is None and "below -min-uid" in high.reason
+    denied = _source(site, spec, deny_users=(name,)).authenticate(name, password, "127.0.0.1")
+    assert denied.account is None and "-deny-users" in denied.reason
+
+
+def test_new_user_logs_in_without_reload(site):
+    """Accounts are looked up at each login: a user added after the source opened logs in."""
+    source = _source(site, "shadow:", allow_groups=())
+    with system_site() as later:
+        name = later.add_user("new", "-s", "/bin/bash")
+        assert source.authenticate(name, later.passwords["new"].encode(), "::1").accepted
+
+
+def test_unknown_users_cost_what_the_site_hashes_cost(site):
+    """The dummy an unknown user is checked against has the method and cost of most hashes."""
+    source = _source(site, "shadow:")
+    assert A._cost_key(source.dummy) == A._cost_key(_shadow_hash(site.users["yes"]))
+
+
+def test_pam_sees_the_client_address(site, tmp_path):
+    """PAM_RHOST carries the client's address: pam_access refuses 127.0.0.2, admits 127.0.0.1."""
+    access = site.install(tmp_path / "access.conf", "-:ALL:127.0.0.2\n+:ALL:ALL\n")
+    service = f"{PREFIX}{site.suffix}acc"
+    site.install(Path("/etc/pam.d") / service,
+                 PAM_EXAMPLE + f"account required pam_access.so accessfile={access}\n")
+    source = _source(site, f"pam:{service}")
+    name, password = site.users["yes"], site.passwords["yes"].encode()
+    assert source.authenticate(name, password, "127.0.0.1").accepted
+    refused = source.authenticate(name, password, "127.0.0.2")
+    assert refused.account is None and "PAM account" in refused.reason
+
+
+def test_missing_pam_service_refused_at_start(site):
+    """pam:SERVICE without a service file stops the start (PAM would fall back to "other")."""
+    settings = S.Settings(users=f"pam:{PREFIX}{site.suffix}missing")
+    assert "no PAM service file" in A.startup_problem(settings)
+    assert A.startup_problem(S.Settings(users="shadow:", allow_groups=(site.group,))) is None
+    problem = A.startup_problem(S.Settings(users="shadow:", allow_groups=(site.group + "x",)))
+    assert problem == f"-allow-groups {site.group}x: no such group"
+
+
+def test_cleanup_runs_even_when_a_test_fails(request):
+    """The users a failing test made are deleted all the same, home and group included."""
+    reason = _why_not_system_accounts(request.config)
+    if reason:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError), system_site() as doomed:
+        doomed.add_group(doomed.group)
+        name = doomed.add_user("doom", "-G", doomed.group)
+        assert _exists(name) and os.path.isdir(f"/home/{name}")
+        raise RuntimeError("a test fails halfway")
+    assert not _exists(name) and not _exists(doomed.group, grp.getgrnam)
+    assert not os.path.exists(f"/home/{name}")
+
+
+def test_no_test_user_is_left_behind(request):
+    """No user named with the tests' prefix is on the system but this run's own (the site's
+    teardown then checks that those are gone too)."""
+    reason = _why_not_system_accounts(request.config)
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("site")  # the module's site exists; this test only reads
+    left = [p.pw_name for p in pwd.getpwall() if p.pw_name.startswith(PREFIX)]
+    site_users = set(request.getfixturevalue("site").users.values())
+    assert set(left) <= site_users, f"left by earlier runs: {sorted(set(left) - site_users)}"
