@@ -249,14 +249,14 @@ class ShadowSource(SystemSource):
             return missing
         refusal = self.closed(account) or shadowfile.shadow_refusal(
             entry, shadowfile.today() if day is None else day)
-        if not good:
-            return Verdict(None, "wrong password")
+        if not good:  # no hash to be right against: the entry's own reason says more
+            return Verdict(None, "wrong password" if stored is not self.dummy else str(refusal))
         return Verdict(None, refusal) if refusal else Verdict(account)
 
 
 class PamSource(SystemSource):
-    """``pam:SERVICE``: the password and PAM's account checks through the service's stacks;
-    the settings' checks and (for accounts it holds) /etc/shadow's on top."""
+    """``pam:SERVICE``: the password and PAM's account checks through the service's stacks,
+    for accounts that the settings and (for accounts it holds) /etc/shadow leave open."""
 
     @property
     def service(self) -> str:
@@ -265,20 +265,21 @@ class PamSource(SystemSource):
     def authenticate(self, name: str, password: bytes, rhost: str = "",
                      day: int | None = None) -> Verdict:
         account = self.lookup(name)
-        closed = self.closed(account) if account is not None else _UNKNOWN.reason
-        if closed:
-            # Never hand PAM a closed account (a faillock there would count it): a dummy of
-            # the site's common hash stands in for the check, as for an unknown name.
+        if account is None:
             passwords.verify_crypt(self.dummy, password)
-            return Verdict(None, closed)
-        assert account is not None
-        problem = pamauth.check(self.service, name, password, rhost)
-        if problem:
-            return Verdict(None, problem)
+            return _UNKNOWN
         entry, _ = self.shadow_entry(name)  # NSS users outside /etc/shadow: PAM's word stands
-        refusal = entry and shadowfile.shadow_refusal(
-            entry, shadowfile.today() if day is None else day)
-        return Verdict(None, refusal) if refusal else Verdict(account)
+        closed = self.closed(account) or (entry is not None and shadowfile.shadow_refusal(
+            entry, shadowfile.today() if day is None else day))
+        if closed:
+            # pam_unix fails a locked ("!") hash in a millisecond, without hashing, and a
+            # faillock module would count a closed account's tries: PAM is not asked. The
+            # account's own hash (or the site's dummy) is checked instead, at the same cost.
+            stored = entry.usable_hash if entry is not None and entry.usable_hash else self.dummy
+            passwords.verify_crypt(stored, password)
+            return Verdict(None, closed)
+        problem = pamauth.check(self.service, name, password, rhost)
+        return Verdict(None, problem) if problem else Verdict(account)
 
 
 AccountSource = PasswdFileSource | ShadowSource | PamSource

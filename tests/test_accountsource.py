@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shared import accountsource as A
-from shared import accountspec, passwords, shadowfile
+from shared import accountspec, pamauth, passwords, shadowfile
 from shared import settings as S
 from shared.shadowfile import ShadowEntry, parse_shadow_line, shadow_refusal
 from shared.users import Account, parse_users
@@ -225,7 +225,7 @@ def _why_not_system_accounts(config) -> str | None:
         return "creates real system users: runs when CI is set or with --system-accounts"
     if os.geteuid() != 0:
         return "creates real system users with useradd: needs root"
-    missing = [tool for tool in ("useradd", "userdel", "chpasswd", "chage", "usermod",
+    missing = [tool for tool in ("useradd", "userdel", "chpasswd", "chage", "usermod", "passwd",
                                  "groupadd", "groupdel") if shutil.which(tool) is None]
     if missing:
         return f"needs {' '.join(missing)} (Debian package passwd)"
@@ -328,6 +328,8 @@ def site(request):
         _run("chage", "-d", "0", made.users["chg"])
         made.add_user("nol", "-s", "/usr/sbin/nologin", "-G", made.group)
         made.add_user("out", "-s", "/bin/bash")
+        made.add_user("empty", *member)
+        _run("passwd", "-d", made.users["empty"])
         made.install(Path("/etc/pam.d") / f"{PREFIX}{made.suffix}", PAM_EXAMPLE)
         yield made
 
@@ -351,15 +353,14 @@ def test_the_site_is_what_the_tests_think(site):
 
 SHADOW_REASONS = {"lock": "locked", "exp": "account expired", "chg": "must be changed",
                   "nol": "no-login shell", "out": "not in -allow-groups"}
-PAM_REASONS = {"lock": "PAM authentication", "exp": "PAM account", "chg": "PAM account",
-               "nol": "no-login shell", "out": "not in -allow-groups"}
 
 
-@pytest.mark.parametrize("users, reasons", [("shadow:", SHADOW_REASONS),
-                                            ("pam:", PAM_REASONS)])
-def test_system_account_verdicts(site, users, reasons):
+@pytest.mark.parametrize("users", ["shadow:", "pam:"])
+def test_system_account_verdicts(site, users):
     """SHA512-CRYPT and yescrypt users log in; each closed account is refused with the right
-    password, and every refusal is a Verdict without an account, as a wrong password is."""
+    password, and every refusal is a Verdict without an account, as a wrong password is.
+    pam: applies the shadow checks itself before asking PAM (pam_unix would fail a locked
+    hash without hashing: a timing tell)."""
     spec = users if users == "shadow:" else f"pam:{PREFIX}{site.suffix}"
     source = _source(site, spec)
     for role in ("sha", "yes"):
@@ -369,12 +370,30 @@ def test_system_account_verdicts(site, users, reasons):
         assert int(verdict.account.uid) == pwd.getpwnam(site.users[role]).pw_uid
         wrong = source.authenticate(site.users[role], b"not the password", "127.0.0.1")
         assert wrong.account is None and not wrong.fault
-    for role, words in reasons.items():
+    for role, words in SHADOW_REASONS.items():
         verdict = source.authenticate(site.users[role], site.passwords[role].encode(),
                                       "127.0.0.1")
         assert verdict.account is None and words in verdict.reason, (role, verdict)
     unknown = source.authenticate(f"{PREFIX}{site.suffix}none", b"x", "127.0.0.1")
     assert unknown == A.Verdict(None, "unknown user")
+
+
+def test_pam_example_service_stacks(site):
+    """etc/pam.d/iupop3 itself: pam_unix without nullok refuses an empty password, and its
+    account stack refuses an expired account and a password that must be changed."""
+    service = f"{PREFIX}{site.suffix}"
+
+    def pam(role: str, password: str | None = None) -> str | None:
+        secret = site.passwords[role] if password is None else password
+        return pamauth.check(service, site.users[role], secret.encode(), "127.0.0.1")
+
+    assert pam("yes") is None
+    assert pam("lock").startswith("PAM authentication")
+    assert pam("empty", "").startswith("PAM authentication")
+    assert pam("exp") == "PAM account: User account has expired"
+    assert pam("chg").startswith("PAM account: Authentication token is no longer valid")
+    shadow = _source(site, "shadow:").authenticate(site.users["empty"], b"", "127.0.0.1")
+    assert shadow.account is None and "no usable password" in shadow.reason
 
 
 @pytest.mark.parametrize("users", ["shadow:", "pam:"])
