@@ -48,7 +48,8 @@ class Policy:
     """The settings that close system accounts, as SYSUAF's DISUSER and DISMAIL did."""
 
     min_uid: int = 1000
-    nologin_shells: frozenset[str] = frozenset({"/usr/sbin/nologin", "/bin/false"})
+    nologin_shells: frozenset[str] = frozenset(
+        {"/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"})
     deny_users: frozenset[str] = frozenset()
     allow_groups: tuple[str, ...] = ()
 
