@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
-TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl"}
+TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl",
+                        "useradd": "passwd", "chage": "passwd"}  # passwd: the system-account tests
 
 
 def say(text: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import maillocation
+from shared import accountspec, maillocation
 from shared.logsetup import FLUSH_SECONDS, LEVEL_CHOICES, LEVEL_NAMES
 
 
@@ -26,7 +26,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Setting:
     name: str  # TOML key and attribute name
-    kind: str  # "int", "str", "path", "bool", "list", "choice"
+    kind: str  # "int", "str", "path", "bool", "list", "choice", "users"
     default: Any
     help: str
     flag: str = ""  # command-line flag without the dash; defaults to name
@@ -35,6 +35,7 @@ class Setting:
     maximum: int | None = None
     # Checks a converted value and returns the form to keep; ValueError says what is wrong.
     validator: Callable[[Any], Any] | None = None
+    metavar: str = ""  # the value's name in -help; defaults by kind
 
     @property
     def option(self) -> str:
@@ -87,6 +88,11 @@ def _to_path(setting: Setting, value: Any) -> str:
     return os.path.abspath(os.path.expanduser(value)) if value else ""
 
 
+def _to_users(setting: Setting, value: Any) -> str:
+    value = _to_str(setting, value)
+    return accountspec.canonical(value) if value else ""
+
+
 def _to_bool(setting: Setting, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -111,6 +117,7 @@ _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
     "int": _to_int,
     "str": _to_str,
     "path": _to_path,
+    "users": _to_users,
     "bool": _to_bool,
     "list": _to_list,
     "choice": _to_choice,
@@ -151,7 +158,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace", "int", 30,
             "seconds sessions get to finish on SIGTERM before they are closed unapplied",
             minimum=0),
-    Setting("users", "path", "", "users file in Dovecot's passwd-file format"),
+    Setting("users", "users", "",
+            "where accounts come from: passwd-file:PATH (Dovecot's format; a bare path too),"
+            " shadow: (the system's users and /etc/shadow) or pam:SERVICE (default iupop3)",
+            metavar="SOURCE"),
+    Setting("min_uid", "int", 1000,
+            "with shadow: or pam:, accounts with a lower uid (root, daemon ...) may not log in",
+            minimum=0, flag="min-uid"),
+    Setting("nologin_shells", "list",
+            ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"),
+            "with shadow: or pam:, an account with this login shell may not log in"
+            " (repeat the flag for several; DISUSER's counterpart)",
+            flag="nologin-shells", metavar="SHELL"),
+    Setting("deny_users", "list", (),
+            "these users may not log in, from any source (repeat the flag for several)",
+            flag="deny-users", metavar="NAME"),
+    Setting("allow_groups", "list", (),
+            "with shadow: or pam:, only members of these groups may log in (e.g. pop;"
+            " DISMAIL's counterpart); none = every group", flag="allow-groups",
+            metavar="GROUP"),
     Setting("mail", "str", "maildir:~/Maildir",
             "where mail lives: maildir:PATH, or mbox:PATH for a Unix spool file"
             " (mbox:/var/mail/%u); %u is the user name, ~ the user's home",
@@ -296,7 +321,8 @@ def resolve(argv: Sequence[str]) -> tuple[Any, bool]:
     if values["demo"]:
         _with_demo_defaults(values, explicit)
     if not values["users"]:
-        raise SettingsError("no users file: give -users FILE, or -demo for the embedded demo")
+        raise SettingsError("no users: give -users FILE (or shadow: or pam:SERVICE), or -demo"
+                            " for the embedded demo")
     return Settings(**values), False
 
 
@@ -304,8 +330,8 @@ def help_text(prog: str = "iupop3") -> str:
     lines = [f"usage: {prog} [options]   (one dash, case-insensitive, never abbreviated)", "",
              f"  {'-config FILE':<22} TOML file with any of the settings below; the command line wins"]
     for s in SETTINGS:
-        arg = "" if s.kind == "bool" else " " + {"int": "N", "path": "FILE", "list": "ADDR",
-                                                 "choice": "LEVEL"}.get(s.kind, "VALUE")
+        arg = "" if s.kind == "bool" else " " + (s.metavar or {
+            "int": "N", "path": "FILE", "list": "ADDR", "choice": "LEVEL"}.get(s.kind, "VALUE"))
         lines.append(f"  {s.option + arg:<22} {s.help} [default: {s.default_text()}]")
     lines.append(f"  {'-help':<22} this text")
     return "\n".join(lines) + "\n"
@@ -317,7 +343,9 @@ def to_json(settings: Any) -> str:
 
 def from_json(text: str) -> Any:
     data = json.loads(text)
-    data["listen"] = tuple(data["listen"])
+    for setting in SETTINGS:
+        if setting.kind == "list":
+            data[setting.name] = tuple(data[setting.name])
     return Settings(**data)
 
 

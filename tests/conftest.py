@@ -27,6 +27,9 @@ USERS = {"alice": "wonderland", "bob": "builder pass", "carol": "c4r0l"}
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", default=False,
                      help="also run the long variants (full-size attack and fault tests)")
+    parser.addoption("--system-accounts", action="store_true", default=False,
+                     help="run the tests that create and delete real system users (as root; "
+                          "on by default when CI is set)")
 
 
 def pytest_configure(config):
