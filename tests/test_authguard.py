@@ -159,3 +159,50 @@ def test_a_running_penalty_is_never_evicted_and_a_full_bucket_fails_closed():
     admission = guard.admit("198.51.100.9", name)
     assert admission.wait == guard.settings.auth_delay_max
     assert all(table.words[a + FAILURES] == 3 for a in planted)
+
+
+def test_the_table_lock_excludes_another_process_and_dies_with_it():
+    """The tables' lock (a record lock on the stats memfd) keeps a second process out while
+    held, and a holder that exits releases it: a dead worker cannot wedge the others."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    area = StatsArea.create(2, 0)
+    code = ("import sys; from shared.stats import StatsArea; "
+            f"a = StatsArea.attach({area.fd}); assert a.lock_tables(blocking=True); "
+            "print('locked', flush=True); sys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, pass_fds=(area.fd,),
+                             env={"PYTHONPATH": str(ROOT)})
+    try:
+        assert child.stdout.readline() == b"locked\n"
+        assert not area.lock_tables(blocking=False)
+        child.stdin.close()
+        assert child.wait(10) == 0
+        assert area.lock_tables(blocking=False)
+        area.unlock_tables()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+
+
+def test_supervisor_and_worker_key_an_address_alike():
+    """The supervisor's -max-per-address key of a connection equals the key a worker sends
+    back in its CLOSED frame for that client's address."""
+    import socket
+
+    from supervisor.arbiter import _address_key
+
+    guard, _, area = _guard()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname()) as client:
+            conn, _ = listener.accept()
+            with conn:
+                key = _address_key(conn, area, guard.settings)
+            address = client.getsockname()[0]
+    assert key == guard.keys.address(address)
