@@ -35,7 +35,7 @@ class Kind(IntEnum):
     # worker -> supervisor
     SHUTDOWN = 10    # an authorized XTND SHUTDOWN
     SET_LOGLEVEL = 11  # an authorized XTND LOGLEVEL; argument = level index
-    CLOSED = 12      # a session ended; argument = shared.keytable.digest of its address
+    CLOSED = 12      # a session ended; argument = shared.keytable.Keyer.address of its address
     DRAINING = 13    # the worker stopped taking sessions (on its own or as told)
 
 

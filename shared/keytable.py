@@ -1,79 +1,109 @@
-"""Small per-process hash tables in shared memory: a count per key (address or user name).
+"""Failed-login records in shared memory, one hash table per kind (addresses, users), shared by
+every worker and written only under the area's lock (worker/authguard.py).
 
-Each process writes only its own table (one writer per table, like the statistics slots);
-anyone reads and sums a key over every process's table. Entries are three 8-byte words:
-key digest (0 = empty), value, and the time it last changed. Open addressing with a short
-linear probe; when the probe run is full the stalest entry is reused, so a flood of distinct
-keys costs old entries, never memory. Used for connections per address and failed logins per
-address and per user.
+An entry is four 8-byte words: key digest (0 = empty), failures, the time (ms) they last
+changed, and the time (ms) before which the key's next verification may not start. Keys are
+digests keyed with a secret the supervisor draws at start (``Keyer``), so nobody can choose
+names that land in one bucket. Open addressing with a short linear probe; an entry is reused
+only once its failures are forgotten and its time slot is past: an entry whose penalty still
+runs is never evicted. When a probe run holds no reusable entry the key shares the table's
+``OVERFLOW`` entry, penalised like the worst of them (a full bucket fails closed).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 
-ENTRY_WORDS = 3
+from shared import netaddr
+
+ENTRY_WORDS = 4
 PROBES = 16
+SECRET_BYTES = 16
+KEY, FAILURES, CHANGED, NEXT = range(ENTRY_WORDS)
 
 
-def digest(key: str) -> int:
-    value = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"),
-                                           digest_size=8).digest(), "little")
-    return value or 1  # 0 marks an empty entry
+class Keyer:
+    """Table keys (64-bit digests) for addresses and user names, keyed with ``secret``.
+
+    The supervisor keys ``-max-per-address`` with it too, and a worker's CLOSED frame carries
+    the same key, so both sides must use the secret and prefix of one run.
+    """
+
+    def __init__(self, secret: bytes, ipv6_prefix: int = 64):
+        self.secret = secret
+        self.ipv6_prefix = ipv6_prefix
+
+    def _digest(self, text: str) -> int:
+        value = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
+                                               key=self.secret, digest_size=8).digest(), "little")
+        return value if value > 1 else value + 2  # 0 marks an empty entry, 1 the overflow
+
+    def address(self, address: str) -> int:
+        """The key of a client address: IPv6 per prefix, IPv4-mapped as IPv4."""
+        return self._digest("a:" + netaddr.limit_key(address, self.ipv6_prefix))
+
+    def user(self, name: str) -> int:
+        return self._digest("u:" + name)
 
 
 class KeyTable:
-    """A view of one process's table; ``words`` is a slice of a 'Q' memoryview."""
+    """A view of one table; ``words`` is a slice of a 'Q' memoryview. Not thread-safe: the
+    caller holds the lock that serialises every writer."""
+
+    OVERFLOW = 1  # the key of the last entry, shared by keys whose probe run is full
 
     def __init__(self, words: memoryview, capacity: int):
         self.words = words
         self.capacity = capacity
+        self.buckets = capacity - 1  # the last entry is the overflow entry
+        at = self.buckets * ENTRY_WORDS
+        self.words[at + KEY] = self.OVERFLOW
 
-    def _find(self, key: int) -> int | None:
-        start = key % self.capacity
-        for i in range(PROBES):
-            at = ((start + i) % self.capacity) * ENTRY_WORDS
-            if self.words[at] == key:
+    def _probe(self, key: int):
+        start = key % self.buckets
+        for i in range(min(PROBES, self.buckets)):
+            yield ((start + i) % self.buckets) * ENTRY_WORDS
+
+    def _live(self, at: int, now: int, since: int) -> bool:
+        """Whether the entry at ``at`` still holds a penalty: remembered failures or a slot."""
+        w = self.words
+        return (w[at + FAILURES] > 0 and w[at + CHANGED] >= since) or w[at + NEXT] > now
+
+    def entry(self, key: int, now: int, since: int) -> int:
+        """The word offset of ``key``'s entry, claiming one if needed; the overflow entry when
+        every entry of its probe run still holds a penalty."""
+        w = self.words
+        free = None
+        for at in self._probe(key):
+            if w[at + KEY] == key:
+                if w[at + CHANGED] < since:
+                    w[at + FAILURES] = 0  # failures older than the window are forgotten
+                return at
+            if free is None and (w[at + KEY] == 0 or not self._live(at, now, since)):
+                free = at
+        if free is None:
+            return self.buckets * ENTRY_WORDS
+        w[free + KEY], w[free + FAILURES], w[free + CHANGED], w[free + NEXT] = key, 0, now, 0
+        return free
+
+    def is_overflow(self, at: int) -> bool:
+        return at == self.buckets * ENTRY_WORDS
+
+    def find(self, key: int) -> int | None:
+        for at in self._probe(key):
+            if self.words[at + KEY] == key:
                 return at
         return None
 
-    def get(self, key: int, since: int = 0) -> int:
-        """The value of ``key``, or 0 if absent or last changed before ``since``."""
-        at = self._find(key)
-        if at is None or self.words[at + 2] < since:
+    def failures(self, key: int, since: int) -> int:
+        """Recent failures of ``key`` (0 if unknown or forgotten), without claiming an entry."""
+        at = self.find(key)
+        if at is None or self.words[at + CHANGED] < since:
             return 0
-        return self.words[at + 1]
+        return self.words[at + FAILURES]
 
-    def add(self, key: int, delta: int, now: int, since: int = 0) -> int:
-        """Add ``delta`` (values never go below 0); an entry older than ``since`` restarts at 0."""
-        at = self._find(key)
-        if at is None:
-            at = self._claim(key)
-            self.words[at + 1] = 0
-        elif self.words[at + 2] < since:
-            self.words[at + 1] = 0
-        value = max(0, self.words[at + 1] + delta)
-        self.words[at + 1] = value
-        self.words[at + 2] = now
-        return value
+    def get(self, at: int, field: int) -> int:
+        return self.words[at + field]
 
-    def _claim(self, key: int) -> int:
-        start = key % self.capacity
-        stalest, stalest_time = None, None
-        for i in range(PROBES):
-            at = ((start + i) % self.capacity) * ENTRY_WORDS
-            if self.words[at] == 0 or (self.words[at + 1] == 0):
-                stalest = at
-                break
-            if stalest_time is None or self.words[at + 2] < stalest_time:
-                stalest, stalest_time = at, self.words[at + 2]
-        # Writing the key last-but-one: a reader that sees the new key may see a value of 0.
-        self.words[stalest + 1] = 0
-        self.words[stalest] = key
-        return stalest
-
-
-def total(tables: Iterable[KeyTable], key: int, since: int = 0) -> int:
-    """The sum of ``key`` over every process's table."""
-    return sum(t.get(key, since) for t in tables)
+    def set(self, at: int, field: int, value: int) -> None:
+        self.words[at + field] = max(0, value)

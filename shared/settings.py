@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import accountspec, maillocation
+from shared import accountspec, maillocation, netaddr
 from shared.logsetup import FLUSH_SECONDS, LEVEL_CHOICES, LEVEL_NAMES
 
 
@@ -26,7 +26,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Setting:
     name: str  # TOML key and attribute name
-    kind: str  # "int", "str", "path", "bool", "list", "choice", "users"
+    kind: str  # "int", "str", "path", "bool", "list", "networks", "choice", "users"
     default: Any
     help: str
     flag: str = ""  # command-line flag without the dash; defaults to name
@@ -52,7 +52,7 @@ class Setting:
     def default_text(self) -> str:
         if self.kind == "bool":
             return "off" if not self.default else "on"
-        if self.kind == "list":
+        if self.kind in ("list", "networks"):
             return " ".join(self.default) if self.default else "(none)"
         if self.default is None or self.default == "":
             return "(none)"
@@ -107,6 +107,10 @@ def _to_list(setting: Setting, value: Any) -> tuple[str, ...]:
     raise ValueError("wants a list of strings")
 
 
+def _to_networks(setting: Setting, value: Any) -> tuple[str, ...]:
+    return netaddr.parse_networks(_to_list(setting, value))
+
+
 def _to_choice(setting: Setting, value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in setting.choices:
         raise ValueError(f"must be one of {', '.join(setting.choices)}, not {value!r}")
@@ -120,6 +124,7 @@ _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
     "users": _to_users,
     "bool": _to_bool,
     "list": _to_list,
+    "networks": _to_networks,
     "choice": _to_choice,
 }
 
@@ -210,8 +215,9 @@ SETTINGS: tuple[Setting, ...] = (
             "sessions one client address may hold at once; 0 = no limit", minimum=0,
             flag="max-per-address"),
     Setting("auth_delay", "int", 1,
-            "seconds a failed login waits before its reply, doubling with each failure "
-            "from the address or for the user", minimum=0, flag="auth-delay"),
+            "seconds every login from an address or for a user with a recent failure waits "
+            "before it is checked, doubling with each failure; logins for one user are "
+            "checked one at a time, this far apart", minimum=0, flag="auth-delay"),
     Setting("auth_delay_max", "int", 15, "the longest failed-login delay, in seconds",
             minimum=0, flag="auth-delay-max"),
     Setting("auth_block", "int", 20,
@@ -220,6 +226,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_window", "int", 900,
             "seconds a failed login is remembered (from the last failure)", minimum=1,
             flag="auth-window"),
+    Setting("ipv6_prefix", "int", 64,
+            "IPv6 clients count per network of this many bits for -max-per-address and the "
+            "failed-login limits (one subscriber holds a /64)", minimum=16, maximum=128,
+            flag="ipv6-prefix"),
+    Setting("trusted_networks", "networks", (),
+            "CIDR networks (a webmail, a proxy) exempt from the per-address failed-login "
+            "delay and block, not from the per-user one", flag="trusted-networks"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),
@@ -301,6 +314,9 @@ def parse_command_line(argv: Sequence[str]) -> tuple[dict[str, Any], str | None,
             config = raw
         elif setting.kind == "list":
             values[setting.name] = values.get(setting.name, ()) + (raw,)
+        elif setting.kind == "networks":
+            values[setting.name] = (values.get(setting.name, ())
+                                    + setting.convert(raw, "command line"))
         else:
             values[setting.name] = setting.convert(raw, "command line")
     return values, config, want_help
@@ -331,7 +347,8 @@ def help_text(prog: str = "iupop3") -> str:
              f"  {'-config FILE':<22} TOML file with any of the settings below; the command line wins"]
     for s in SETTINGS:
         arg = "" if s.kind == "bool" else " " + (s.metavar or {
-            "int": "N", "path": "FILE", "list": "ADDR", "choice": "LEVEL"}.get(s.kind, "VALUE"))
+            "int": "N", "path": "FILE", "list": "ADDR", "networks": "CIDR...",
+            "choice": "LEVEL"}.get(s.kind, "VALUE"))
         lines.append(f"  {s.option + arg:<22} {s.help} [default: {s.default_text()}]")
     lines.append(f"  {'-help':<22} this text")
     return "\n".join(lines) + "\n"
@@ -344,7 +361,7 @@ def to_json(settings: Any) -> str:
 def from_json(text: str) -> Any:
     data = json.loads(text)
     for setting in SETTINGS:
-        if setting.kind == "list":
+        if setting.kind in ("list", "networks"):
             data[setting.name] = tuple(data[setting.name])
     return Settings(**data)
 

@@ -7,7 +7,8 @@ the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte word
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
     word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers)
     after the slots        USERS_PER_SLOT names of 32 bytes per worker slot (Current Users)
-    after the names        per slot, one shared.keytable of each ``Table`` kind
+    after the names        one shared.keytable of each ``Table`` kind, shared by every
+                           worker, written under ``lock_tables`` (worker/authguard.py)
 
 Aligned 8-byte stores are single instructions on the platforms we run on, so a reader never sees
 a torn counter; a sum read while sessions run may be a moment stale, never wrong for long.
@@ -15,14 +16,15 @@ a torn counter; a sum read while sessions run may be a moment stale, never wrong
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from enum import IntEnum
 
-from shared.keytable import ENTRY_WORDS, KeyTable
+from shared.keytable import ENTRY_WORDS, SECRET_BYTES, KeyTable
 
 MAGIC = 0x33504F5055  # "UPOP3"
-VERSION = 1
+VERSION = 2
 HEADER_WORDS = 8
 SLOT_WORDS = 32
 NAME_BYTES = 32
@@ -35,13 +37,14 @@ class Header(IntEnum):
     NSLOTS = 2
     START_TIME = 3
     LOGLEVEL = 4  # index into shared.logsetup.LEVEL_NAMES
+    KEY_SECRET = 5  # words 5 and 6: the secret of shared.keytable.Keyer, drawn by create()
 
 
 class Table(IntEnum):
-    """Per-process key tables (shared/keytable.py)."""
+    """The key tables (shared/keytable.py), one of each for all workers."""
 
-    ADDRESS_FAILURES = 0  # failed logins per client address
-    USER_FAILURES = 1     # failed logins per user name
+    ADDRESS_FAILURES = 0  # failed logins per client address (IPv6: per prefix)
+    USER_FAILURES = 1     # failed logins per user name, and when the next check may start
 
 
 TABLE_CAPACITY = 4096
@@ -78,7 +81,7 @@ _MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Co
 def area_size(nslots: int) -> int:
     words = HEADER_WORDS + nslots * SLOT_WORDS
     return (words * 8 + nslots * USERS_PER_SLOT * NAME_BYTES
-            + nslots * len(Table) * TABLE_CAPACITY * ENTRY_WORDS * 8)
+            + len(Table) * TABLE_CAPACITY * ENTRY_WORDS * 8)
 
 
 class StatsArea:
@@ -100,6 +103,9 @@ class StatsArea:
         area.words[Header.VERSION] = VERSION
         area.words[Header.NSLOTS] = nslots
         area.words[Header.START_TIME] = start_time
+        secret = os.urandom(SECRET_BYTES)  # keys the tables: bucket places nobody can choose
+        area.words[Header.KEY_SECRET] = int.from_bytes(secret[:8], "little")
+        area.words[Header.KEY_SECRET + 1] = int.from_bytes(secret[8:], "little")
         area.nslots = nslots
         return area
 
@@ -174,16 +180,29 @@ class StatsArea:
                     names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
         return names
 
-    # Key tables: connections and failed logins per address or user, one writer per slot.
-    def table(self, slot: int, which: Table) -> KeyTable:
+    def key_secret(self) -> bytes:
+        return b"".join(self.words[Header.KEY_SECRET + i].to_bytes(8, "little") for i in (0, 1))
+
+    # Key tables: failed logins per address and per user, shared by every worker.
+    def table(self, which: Table) -> KeyTable:
         base = (HEADER_WORDS + self.nslots * SLOT_WORDS) + (
             self.nslots * USERS_PER_SLOT * NAME_BYTES) // 8
         size = TABLE_CAPACITY * ENTRY_WORDS
-        start = base + (slot * len(Table) + which) * size
+        start = base + which * size
         return KeyTable(self.words[start: start + size], TABLE_CAPACITY)
 
-    def tables(self, which: Table) -> list[KeyTable]:
-        return [self.table(slot, which) for slot in range(self.nslots)]
+    def lock_tables(self, blocking: bool) -> bool:
+        """Take the tables' lock (a POSIX record lock on the area's first byte: one holder
+        process at a time, released if it dies); False if ``blocking`` is off and it is held."""
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.lockf(self.fd, flags, 1, 0)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def unlock_tables(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
 
     def close(self) -> None:
         self.words.release()

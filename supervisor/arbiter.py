@@ -250,7 +250,7 @@ class Supervisor:
             return
         address_key = None
         if self.settings.max_per_address:
-            address_key = _address_key(conn)
+            address_key = _address_key(conn, self.stats, self.settings)
             if self.per_address.get(address_key, 0) >= self.settings.max_per_address:
                 self.stats.add(SUPERVISOR_SLOT, Counter.ADDRESS_REFUSED)
                 self.refuse(conn, refusal.TOO_MANY_FROM_ADDRESS)
@@ -500,9 +500,11 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
 
 
-def _address_key(conn: socket.socket) -> int:
+def _address_key(conn: socket.socket, stats: StatsArea, settings) -> int:
+    """The -max-per-address key of a client: the keyed digest workers also send in CLOSED
+    (IPv6 counted per -ipv6-prefix network, IPv4-mapped as IPv4; shared/keytable.Keyer)."""
     try:
         address = conn.getpeername()[0]
     except (OSError, IndexError):
         address = ""
-    return keytable.digest(address)
+    return keytable.Keyer(stats.key_secret(), settings.ipv6_prefix).address(address)

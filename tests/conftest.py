@@ -210,8 +210,10 @@ class Server:
 class RawClient:
     """A plain socket client for bad input: exact bytes in, exact lines out."""
 
-    def __init__(self, port: int, timeout: float):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float, source: str = "", host: str = "127.0.0.1"):
+        # ``source``: another loopback address (127.0.0.2) stands for another client machine.
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buffer = b""
 
     @property

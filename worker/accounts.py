@@ -2,14 +2,17 @@
 APOP checks against it.
 
 Sessions call ``authenticate`` / ``authenticate_apop``; worker/reloading.py calls ``reload``
-(startup, SIGHUP, a change of the file). Every failure looks the same to the caller.
+(SIGHUP, a change of the file). Every failure looks the same to the caller, in its answer and
+in its time: a failed check is padded to the slowest (scheme, cost) in the file, measured at
+each load, so an account with a costlier hash than the unknown-user dummy is not told apart.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from shared import passwords
@@ -18,19 +21,51 @@ from shared.users import Account, UsersFileError, load_users
 from worker import sasl
 
 
+MAX_COST_CLASSES = 16  # the most common (scheme, cost) pairs measured at load; rarer: unpadded
+
+
 def _direct(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
+def slowest_check(stored_hashes: Iterable[str]) -> float:
+    """Seconds the costliest of the given hashes' (scheme, cost) classes takes to check a wrong
+    password (a dummy of each class, so no real hash is tried); blocking work."""
+    classes = collections.Counter()
+    example: dict[passwords.Cost, str] = {}
+    for stored in stored_hashes:
+        cost = passwords.cost_of(stored)
+        if cost is not None and not passwords.is_cheap(stored):
+            classes[cost] += 1
+            example.setdefault(cost, stored)
+    slowest = 0.0
+    for cost, _ in classes.most_common(MAX_COST_CLASSES):
+        dummy = passwords.dummy_like(example[cost])
+        started = time.perf_counter()
+        passwords.verify(dummy, b"not the password")
+        slowest = max(slowest, time.perf_counter() - started)
+    return slowest
+
+
 class Accounts:
     def __init__(self, path: str, users: dict[str, Account],
-                 offload: Callable[..., Any] = _direct, hostname: str = "localhost"):
+                 offload: Callable[..., Any] = _direct, hostname: str = "localhost",
+                 sleep: Callable[[float], Any] = time.sleep):
         self.path = path
-        self.users = users  # swapped whole by reload: a session sees the old table or the new
         # Password hashing can take milliseconds: the worker runs it off the event loop.
         self._offload = offload
+        self._sleep = sleep
         self.hostname = hostname
         self._apop_serial = 0
+        self.users: dict[str, Account] = {}
+        self.slowest = 0.0  # seconds a failed check is padded to
+        self._install(users)
+
+    def _install(self, users: dict[str, Account]) -> None:
+        hashes = [a.password for a in users.values()] + [getattr(users, "dummy", passwords.DUMMY)]
+        slowest = self._offload(slowest_check, hashes)
+        # One assignment each: a session sees the old table or the new one.
+        self.users, self.slowest = users, slowest
 
     def paths(self) -> tuple[str, ...]:
         return (self.path,) if self.path else ()
@@ -42,7 +77,7 @@ class Accounts:
         except UsersFileError as exc:
             log.error("%s; keeping the previous users", exc)
             return False
-        self.users = users
+        self._install(users)
         log.info("users file reloaded: %d accounts (%s)", len(users), why)
         return True
 
@@ -59,13 +94,21 @@ class Accounts:
         """
         account = self.users.get(user)
         stored = account.password if account else self.dummy
+        started = time.perf_counter()
         if passwords.is_cheap(stored):
             good = passwords.verify(stored, password)
         else:  # crypt, bcrypt, argon2: milliseconds, in a thread that releases the GIL
             good = self._offload(passwords.verify, stored, password)
         if not good or account is None or not account.accessible:
+            self._pad(started)
             return None
         return account
+
+    def _pad(self, started: float) -> None:
+        """Make a failure last as long as a check of the slowest class in use."""
+        left = self.slowest - (time.perf_counter() - started)
+        if left > 0:
+            self._sleep(left)
 
     def apop_timestamp(self) -> str:
         """A greeting timestamp unique to this session (RFC 1939 section 7)."""

@@ -1,63 +1,156 @@
-"""Brute-force defence: failed logins counted per address and per user across all workers.
+"""Brute-force defence, shared by every worker: a penalty per client address (IPv6: per
+prefix) and per user name, paid *before* a password is checked, and one check at a time per
+user across all workers.
 
-Each worker records its failures in its own shared-memory tables; the guard sums every
-worker's tables, so an attacker gains nothing by spreading over connections or workers. A
-failed login waits ``auth_delay * 2**(n-1)`` seconds (at most ``auth_delay_max``) before its
-reply, n being the larger of the address's and the user's recent failures; the wait is a gevent
-sleep, so other sessions go on. An address with ``auth_block`` recent failures is refused
-outright until its failures are ``auth_window`` seconds old. Unknown and known users are
-treated alike.
+Compared with Dovecot's ``auth_failure_delay`` + anvil penalty: while an address or a user has
+recent failures, every login from it or for it waits ``penalty(n) = auth_delay * 2**(n-1)``
+(at most ``auth_delay_max``, n the larger failure count) before the check, and the answer,
+right or wrong, comes only after it; hanging up early gains nothing. Each check of a user
+reserves that user's next slot ``penalty`` later (the tables' NEXT word), so parallel
+connections or workers do not multiply guesses. An attempt counts as a failure when it is
+admitted and is taken back if the password was right, so a check cut short by a dead worker
+still counts. A penalised address whose attempt would have to queue behind another check of
+the user is deferred instead (it waits its penalty, then ``-ERR [SYS/TEMP]``, nothing checked),
+so a guesser cannot fill a user's queue ahead of the user's own login. An address with
+``auth_block`` recent failures is refused outright. ``-trusted-networks`` addresses skip the
+address penalty and block, never the per-user one.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from shared import keytable
+from shared.keytable import CHANGED, FAILURES, NEXT, Keyer, KeyTable
+from shared.netaddr import Networks
 from shared.stats import Counter, StatsArea, Table
+
+LOCK_TRIES = 500          # x LOCK_RETRY_SECONDS: a holder that hangs this long fails closed
+LOCK_RETRY_SECONDS = 0.002
+
+
+class Outcome(enum.Enum):
+    CHECK = "check"          # wait, then check the password
+    DEFERRED = "deferred"    # wait, then -ERR [SYS/TEMP] without checking
+    BLOCKED = "blocked"      # refused at once: too many failures from the address
+    MALFORMED = "malformed"  # no user to check (a broken SASL response): wait, then -ERR
+
+
+@dataclass
+class Admission:
+    outcome: Outcome
+    wait: float = 0.0                 # seconds before the check or the answer
+    user_key: int | None = None
+    address_key: int | None = None
+    reserved_next: int = 0            # the user's NEXT this admission wrote
 
 
 class AuthGuard:
-    def __init__(self, settings, stats: StatsArea, slot: int,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, settings, area: StatsArea, slot: int, keys: Keyer,
+                 sleep: Callable[[float], object] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.settings = settings
-        self.stats = stats
+        self.area = area
         self.slot = slot
+        self.keys = keys
+        self.sleep = sleep
         self.clock = clock
-        self.address_tables = stats.tables(Table.ADDRESS_FAILURES)
-        self.user_tables = stats.tables(Table.USER_FAILURES)
-        self.own_address = stats.table(slot, Table.ADDRESS_FAILURES)
-        self.own_user = stats.table(slot, Table.USER_FAILURES)
+        self.trusted = Networks(settings.trusted_networks)
+        self.addresses: KeyTable = area.table(Table.ADDRESS_FAILURES)
+        self.users: KeyTable = area.table(Table.USER_FAILURES)
 
-    def _now(self) -> int:
-        return int(self.clock() * 1000)  # milliseconds: whole seconds would round windows off
+    def penalty_ms(self, failures: int) -> int:
+        base = self.settings.auth_delay
+        if not failures or not base:
+            return 0
+        return min(self.settings.auth_delay_max, base * 2 ** min(failures - 1, 16)) * 1000
 
-    def _since(self) -> int:
-        return self._now() - self.settings.auth_window * 1000
+    def _worst_ms(self) -> int:
+        """A key that found no entry (a full bucket) is penalised like the worst."""
+        return self.settings.auth_delay_max * 1000 if self.settings.auth_delay else 0
 
-    def blocked(self, address: str) -> bool:
-        """Whether logins from ``address`` are refused for now."""
-        limit = self.settings.auth_block
-        if not limit or not address:
-            return False
-        failures = keytable.total(self.address_tables, keytable.digest(address), self._since())
-        if failures >= limit:
-            self.stats.add(self.slot, Counter.ADDRESS_BLOCKED)
-            return True
+    def admit(self, address: str, user: str | None) -> Admission:
+        """Decide what a login attempt for ``user`` from ``address`` does, and record it."""
+        if not self._lock():  # the lock is stuck (a holder stopped): fail closed
+            return Admission(Outcome.DEFERRED, self._worst_ms() / 1000)
+        try:  # no yield in here: greenlets of this worker do not interleave
+            admission = self._admit_locked(address, user)
+        finally:
+            self.area.unlock_tables()
+        if admission.outcome is Outcome.BLOCKED:
+            self.area.add(self.slot, Counter.ADDRESS_BLOCKED)
+        return admission
+
+    def _lock(self) -> bool:
+        """Take the tables' lock without blocking the event loop; False if it stays held."""
+        for _ in range(LOCK_TRIES):
+            if self.area.lock_tables(blocking=False):
+                return True
+            self.sleep(LOCK_RETRY_SECONDS)  # another worker holds it for microseconds
         return False
 
-    def failed(self, address: str, user: str) -> float:
-        """Record a failed login; return the seconds to wait before answering it."""
-        now, since = self._now(), self._since()
-        key_address = keytable.digest(address)
-        key_user = keytable.digest(user)
-        # The entries' timestamps move with every failure: the window runs from the last one.
-        self.own_address.add(key_address, 1, now, since)
-        self.own_user.add(key_user, 1, now, since)
-        recent = max(keytable.total(self.address_tables, key_address, since),
-                     keytable.total(self.user_tables, key_user, since))
-        base = self.settings.auth_delay
-        if not base:
-            return 0.0
-        return float(min(self.settings.auth_delay_max, base * 2 ** min(recent - 1, 16)))
+    def _now_since(self) -> tuple[int, int]:
+        now = int(self.clock() * 1000)  # milliseconds: whole seconds would round windows off
+        return now, now - self.settings.auth_window * 1000
+
+    def _address_penalty(self, address: str, now: int, since: int) -> tuple[int | None, int, int]:
+        """(address entry or None if exempt, its failures, its penalty in ms)."""
+        if not address or self.trusted.contains(address):
+            return None, 0, 0
+        table = self.addresses
+        at = table.entry(self.keys.address(address), now, since)
+        failures = table.get(at, FAILURES)
+        penalty = self._worst_ms() if table.is_overflow(at) else self.penalty_ms(failures)
+        return at, failures, penalty
+
+    def _admit_locked(self, address: str, user: str | None) -> Admission:
+        now, since = self._now_since()
+        address_at, address_failures, address_penalty = self._address_penalty(address, now, since)
+        block = self.settings.auth_block
+        if address_at is not None and block and address_failures >= block:
+            return Admission(Outcome.BLOCKED)
+        if user is None:
+            self._count(self.addresses, address_at, now)
+            return Admission(Outcome.MALFORMED, address_penalty / 1000)
+        users = self.users
+        user_at = users.entry(self.keys.user(user), now, since)
+        user_failures = users.get(user_at, FAILURES)
+        user_penalty = (self._worst_ms() if users.is_overflow(user_at)
+                        else self.penalty_ms(user_failures))
+        own = max(address_penalty, user_penalty)
+        start = max(now + own, users.get(user_at, NEXT))
+        if address_penalty and start > now + own:
+            self._count(self.addresses, address_at, now)
+            return Admission(Outcome.DEFERRED, own / 1000)
+        self._count(users, user_at, now)
+        self._count(self.addresses, address_at, now)
+        reserved = start + self.penalty_ms(user_failures + 1)
+        users.set(user_at, NEXT, reserved)
+        return Admission(Outcome.CHECK, (start - now) / 1000, self.keys.user(user),
+                         self.keys.address(address) if address_at is not None else None,
+                         reserved)
+
+    @staticmethod
+    def _count(table: KeyTable, at: int | None, now: int) -> None:
+        if at is not None:
+            table.set(at, FAILURES, table.get(at, FAILURES) + 1)
+            table.set(at, CHANGED, now)
+
+    def succeeded(self, admission: Admission) -> None:
+        """The password was right: take back the failure the admission counted."""
+        if not self._lock():
+            return  # the failure stays counted: fail closed
+        try:
+            now, since = self._now_since()
+            for table, key in ((self.users, admission.user_key),
+                               (self.addresses, admission.address_key)):
+                at = table.find(key) if key is not None else None
+                if at is None:
+                    continue
+                table.set(at, FAILURES, table.get(at, FAILURES) - 1)
+                if table is self.users and table.get(at, NEXT) == admission.reserved_next:
+                    table.set(at, NEXT, now)  # nobody queued behind: the next may go at once
+        finally:
+            self.area.unlock_tables()

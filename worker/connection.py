@@ -15,7 +15,6 @@ import time
 
 from gevent import GreenletExit, Timeout
 
-from shared import keytable
 from shared.handoff import Kind
 from shared.logsetup import THREAD
 from shared.stats import Counter
@@ -142,7 +141,7 @@ class Connection:
             ctx.stats.count(outcome)
             ctx.stats.count(Counter.CURRENT, -1)
             if ctx.settings.max_per_address:
-                ctx.supervisor.tell(Kind.CLOSED, keytable.digest(self.address))
+                ctx.supervisor.tell(Kind.CLOSED, ctx.keys.address(self.address))
             self.sock.close()
 
     def _read_loop(self) -> None:

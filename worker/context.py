@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared.keytable import Keyer
 from shared.stats import Header, StatsArea
 from shared.users import Account
 from shared.version import VERSION
@@ -34,7 +35,7 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
 class ServerContext:
     def __init__(self, settings: Any, *, accounts: Accounts, tls: TlsService,
                  stats: SessionStats, supervisor: SupervisorLink, xtnd: XtndAuthorization,
-                 guard: AuthGuard, offload: Callable[..., Any] = _direct,
+                 guard: AuthGuard, keys: Keyer, offload: Callable[..., Any] = _direct,
                  sleep: Callable[[float], Any] = time.sleep):
         self.settings = settings
         self.accounts = accounts
@@ -43,6 +44,7 @@ class ServerContext:
         self.supervisor = supervisor
         self.xtnd = xtnd
         self.guard = guard
+        self.keys = keys  # table keys of this run: CLOSED frames name an address with them
         self.slot = stats.slot
         self.version = VERSION
         self.hostname = accounts.hostname
@@ -74,14 +76,16 @@ def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Ac
     hostname = settings.hostname or socket.gethostname()
     xtnd = XtndAuthorization(settings.xtnd)
     xtnd.reload("startup")  # a bad file: an ERROR, and nobody is authorized until it is fixed
+    keys = Keyer(area.key_secret(), settings.ipv6_prefix)
     return ServerContext(
         settings,
-        accounts=Accounts(settings.users, users, offload, hostname),
+        accounts=Accounts(settings.users, users, offload, hostname, sleep),
         tls=TlsService(settings.tls_cert, settings.tls_key),
         stats=SessionStats(area, slot),
         supervisor=supervisor,
         xtnd=xtnd,
-        guard=AuthGuard(settings, area, slot),
+        guard=AuthGuard(settings, area, slot, keys, sleep),
+        keys=keys,
         offload=offload,
         sleep=sleep,
     )

@@ -19,7 +19,7 @@ import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
 
-from shared import handoff, keytable, logsetup, refusal, settings as settings_mod
+from shared import handoff, logsetup, refusal, settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import Counter, Header, StatsArea
@@ -130,7 +130,7 @@ class Worker:
         finally:
             sock.close()
         if self.settings.max_per_address:
-            self.tell_supervisor(Kind.CLOSED, keytable.digest(address))
+            self.tell_supervisor(Kind.CLOSED, self.ctx.keys.address(address))
 
     def serve(self, connection: Connection) -> None:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in

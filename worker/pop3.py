@@ -15,6 +15,7 @@ from shared.users import Account, user_name
 from worker import replies as R
 from worker import rewrite, sasl, store
 from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
+from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.wire import DotStuffer
 
@@ -184,6 +185,10 @@ class Session:
         if not self.apop_timestamp:
             self.reply(R.APOP_UNAVAILABLE)
             return
+        if self.ctx.settings.cleartext_auth == "NEVER" and not self.secure:
+            # MD5 of a password-equivalent secret: as good as cleartext to an eavesdropper.
+            self.reply(R.CLEARTEXT_REFUSED)
+            return
         name, digest = user_name(args[0]), args[1]
         if name is None:
             self.reply(R.BAD_USER_NAME)
@@ -228,7 +233,15 @@ class Session:
         self._write(f"+ {text}\r\n".encode())
 
     def _sasl_failed(self, user: str | None) -> None:
-        self._login_failed(user or "", reply=R.SASL_FAILED if user else R.SASL_MALFORMED)
+        """A response that names no password to check: it pays the address's penalty only."""
+        admission = self.ctx.guard.admit(self.address, None)
+        if admission.outcome is Outcome.BLOCKED:
+            self._login_blocked()
+            return
+        if admission.wait:
+            self.ctx.sleep(admission.wait)
+        self._login_failed(user or "", R.SASL_FAILED if user else R.SASL_MALFORMED,
+                           admission.wait)
 
     def _auth_plain(self, response: bytes) -> None:
         if response.strip() == sasl.CANCEL:
@@ -270,16 +283,27 @@ class Session:
 
     def _login(self, user: str, check: Callable[[], Account | None],
                failure: str = R.NOT_ACCESSIBLE) -> None:
-        """Authenticate with ``check``, then open and lock the maildrop (TRANSACTION)."""
-        if self.ctx.guard.blocked(self.address):
-            self.log.log(THREAD, "login refused: too many failures from %s", self.address)
-            self.reply(R.ADDRESS_BLOCKED)
-            self.closing = True
+        """Wait the guard's penalty, authenticate with ``check``, then open and lock the
+        maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait."""
+        admission = self.ctx.guard.admit(self.address, user)
+        if admission.outcome is Outcome.BLOCKED:
+            self._login_blocked()
+            return
+        if admission.wait:
+            self.log.debug("login for %s waits %.1fs: recent failures", user, admission.wait)
+            self.ctx.sleep(admission.wait)
+        if admission.outcome is Outcome.DEFERRED:
+            self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
         account = check()
         if account is None:
-            self._login_failed(user, failure)
+            self._login_failed(user, failure, admission.wait)
             return
+        self.ctx.guard.succeeded(admission)
+        self._enter_transaction(user, account)
+
+    def _enter_transaction(self, user: str, account: Account) -> None:
+        """Open, lock and scan the account's maildrop; TRANSACTION if that works."""
         try:
             maildrop = self.ctx.maildrop_for(account)
             # Lock and first scan walk directories and read files: in the pool (worker.store).
@@ -305,14 +329,18 @@ class Session:
                      len(self.messages))
         self.reply(R.LOGIN_OK)
 
-    def _login_failed(self, user: str, reply: str = R.NOT_ACCESSIBLE) -> None:
+    def _login_blocked(self) -> None:
+        self.log.log(THREAD, "login refused: too many failures from %s", self.address)
+        self.reply(R.ADDRESS_BLOCKED)
+        self.closing = True
+
+    def _login_failed(self, user: str, reply: str = R.NOT_ACCESSIBLE, delay: float = 0.0,
+                      note: str = "") -> None:
+        """Answer a failed (or deferred: not checked) login; the guard's wait is over."""
         self.failures += 1
         self.ctx.stats.auth_failed()
-        delay = self.ctx.guard.failed(self.address, user)
-        self.log.log(THREAD, "login failed for %s from %s (attempt %d), delay %.0fs", user,
-                     self.peer, self.failures, delay)
-        if delay:
-            self.ctx.sleep(delay)
+        self.log.log(THREAD, "login failed for %s from %s (attempt %d), %sdelay %.0fs", user,
+                     self.peer, self.failures, note, delay)
         self.reply(reply.format(user=user))
         if self.failures >= self.ctx.settings.login_attempts:
             self.log.log(THREAD, "closing %s after %d failed logins", self.peer, self.failures)

@@ -27,6 +27,7 @@ SASL_MALFORMED = "-ERR [AUTH] malformed authentication exchange"
 SASL_CANCELLED = "-ERR authentication cancelled"
 BAD_USER_NAME = "-ERR [AUTH] invalid user name"
 ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
+LOGIN_DEFERRED = "-ERR [SYS/TEMP] too many login attempts for this user now, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
 

@@ -1,0 +1,70 @@
+"""Client addresses as the limits see them: normalised, IPv6 aggregated per prefix, and the
+``-trusted-networks`` list.
+
+One IPv6 subscriber holds a whole /64 (often more), so a limit keyed by the exact address is
+none at all; an IPv4-mapped address (``::ffff:192.0.2.1`` on a dual-stack socket) is the IPv4
+address. Used by the supervisor (``-max-per-address``), the workers' failed-login guard, and the
+settings (parsing ``-trusted-networks``).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_address(text: str) -> Address | None:
+    """The address, IPv4-mapped ones as IPv4 and without an IPv6 zone; None if not an IP."""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=4096)  # the same few addresses come back all day
+def limit_key(text: str, ipv6_prefix: int = 64) -> str:
+    """What a per-address limit counts: the IPv4 address, or the IPv6 network of
+    ``ipv6_prefix`` bits around it (``2001:db8:1:2::/64``); other text as it is."""
+    address = parse_address(text)
+    if address is None:
+        return text
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+
+
+def parse_networks(specs: Iterable[str]) -> tuple[str, ...]:
+    """Canonical CIDR strings for ``-trusted-networks`` (space or comma separated; a bare
+    address is a /32 or /128); ValueError names the first bad one."""
+    networks: list[str] = []
+    for spec in specs:
+        for word in spec.replace(",", " ").split():
+            try:
+                network = ipaddress.ip_network(word, strict=False)
+            except ValueError:
+                raise ValueError(f"{word!r} is not an address or network (CIDR)") from None
+            networks.append(str(network))
+    return tuple(networks)
+
+
+class Networks:
+    """A parsed network list; ``contains`` answers for an address given as text."""
+
+    def __init__(self, specs: Iterable[str] = ()):
+        self.networks: tuple[Network, ...] = tuple(ipaddress.ip_network(n)
+                                                   for n in parse_networks(specs))
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def contains(self, text: str) -> bool:
+        address = parse_address(text)
+        return address is not None and any(
+            address.version == n.version and address in n for n in self.networks)
