@@ -51,8 +51,6 @@ def test_failed_login_delay_grows(start_server):
     server = start_server("-auth-delay", "1", "-auth-delay-max", "8")
     reply, first = _fail_login(server)
     assert reply == R.NOT_ACCESSIBLE.format(user="alice").encode()
-    server.wait_for(r"login failed for alice .*delay 1s")
-    mark = server.mark()
     _, second = _fail_login(server, "nosuchuser")
     _, third = _fail_login(server, "bob")
     # At least the penalty, however fast the machine: the first failure waited for nothing.
