@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from shared.logsetup import log
+from shared.logsetup import escaped, log
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
@@ -114,12 +114,10 @@ class DotLock:
     def _break_if_stale(self) -> bool:
         """Remove the lock if its holder is gone; True if the caller should retry at once."""
         try:
-            st = os.lstat(self.path)
-            with open(self.path, "rb") as fh:
-                content = fh.read(32)
+            st, content = _read_lock(self.path)
         except FileNotFoundError:
             return True
-        pid = int(content) if content.strip().isdigit() else 0
+        pid = _lock_pid(content)
         dead = pid > 0 and not _alive(pid)
         if not dead and time.time() - st.st_mtime < STALE_SECONDS:
             return False
@@ -128,7 +126,7 @@ class DotLock:
         try:
             if os.lstat(self.path).st_ino == st.st_ino:
                 os.unlink(self.path)
-                log.info("removed stale lock %s (pid %s)", self.path, pid or "unknown")
+                log.info("removed stale lock %s (pid %s)", escaped(self.path), pid or "unknown")
         except FileNotFoundError:
             pass
         return True
@@ -149,6 +147,34 @@ class DotLock:
         except FileNotFoundError:
             pass
         self._inode = None
+
+
+LOCK_READ_MAX = 128  # a dot-lock holds a pid (and a host name): more is not a lock of ours
+
+
+def _read_lock(path: str) -> tuple[os.stat_result, bytes]:
+    """(lstat, first bytes) of a dot-lock, never through a symlink nor blocking on a FIFO;
+    anything but a regular file reads as empty (so it is judged by its age)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return os.lstat(path), b""
+    try:
+        st = os.fstat(fd)
+        return st, os.read(fd, LOCK_READ_MAX) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+
+
+def _lock_pid(content: bytes) -> int:
+    """The pid on a lock's first line (liblockfile writes "%d\n"), 0 when there is none:
+    at most 10 ASCII digits, so a planted lock cannot make int() work on megabytes."""
+    word = content.split(b"\n", 1)[0].split(b" ", 1)[0].strip()
+    if not word or len(word) > 10 or not (word.isascii() and word.isdigit()):
+        return 0
+    return int(word)
 
 
 def _fcntl_lock(fd: int, exclusive: bool, deadline: float, path: str) -> None:
@@ -214,10 +240,13 @@ class Mbox:
         if "/" in self.wastebasket or not self.wastebasket.strip("."):
             raise MaildropError(f"wastebasket {self.wastebasket!r} is not a file name suffix")
         try:
-            fd = os.open(self.session_lock_path,
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.session_lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
         self._session_fd = session_flock(fd, self.path)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
 
@@ -253,9 +282,16 @@ class Mbox:
             dot.release()
 
     def _open(self, path: str, write: bool, owner: os.stat_result | None) -> int | None:
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        """The spool or a sibling, never through a symlink nor blocking on a FIFO; a sibling
+        (``owner`` given) must be the spool owner's, with one link, like the spool written."""
+        flags = ((os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC)
         try:
             fd = os.open(path, flags)
+            st = os.fstat(fd)
+            if write and (st.st_nlink != 1 or owner is not None and st.st_uid != owner.st_uid):
+                os.close(fd)
+                raise OSError(errno.EPERM, "a hard link or another owner's file", path)
         except FileNotFoundError:
             if owner is None:
                 return None
@@ -404,7 +440,10 @@ class Mbox:
     def _rewrite(self, source: BinaryIO, spool: os.stat_result, drops: list[Record],
                  dot: DotLock) -> None:
         """Copy all but ``drops`` to a new file and rename it over the spool."""
-        new = os.open(self.new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        # A fresh file (O_EXCL), never one found there: a planted symlink or hard link under
+        # this name would otherwise be truncated and filled with the user's mail.
+        _unlink_quietly(self.new_path)
+        new = os.open(self.new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                       | os.O_CLOEXEC, 0o600)
         try:
             pos = 0
