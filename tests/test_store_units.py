@@ -149,3 +149,29 @@ def test_mbox_dot_lock_as_a_fifo_or_huge_file_is_judged_by_age(tmp_path):
     st, content = mbox_mod._read_lock(str(lock))
     assert len(content) == mbox_mod.LOCK_READ_MAX and mbox_mod._lock_pid(content) == 0
     assert mbox_mod._lock_pid(b"1234 host\n") == 1234 and mbox_mod._lock_pid(b"12\n") == 12
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
+@pytest.mark.parametrize("link_uid, target_uid, accepted", [
+    (65534, 65534, True), (0, 65534, False), (65534, 0, False)])
+def test_symlinked_home_maildir_only_when_link_and_target_are_the_accounts(tmp_path, link_uid,
+                                                                         target_uid, accepted):
+    """~/Maildir -> /elsewhere/Maildir is followed only when the link and the directory it
+    leads to both belong to the account (uid from the users file)."""
+    home, target = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    target.mkdir()
+    (home / "Maildir").symlink_to(target)
+    os.chown(home, 65534, 65534)
+    os.chown(target, target_uid, 0)
+    os.chown(home / "Maildir", link_uid, 0, follow_symlinks=False)
+    drop = Maildir((str(home), ("Maildir",)), owner=65534)
+    if not accepted:
+        with pytest.raises(store.MaildropError, match="symlink"):
+            drop.lock()
+        assert sorted(os.listdir(target)) == []
+        return
+    drop.lock()
+    assert drop.scan() == []
+    drop.unlock()
+    assert sorted(os.listdir(target)) == [".iupop3.lock", "cur", "new", "tmp"]
