@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -594,3 +595,60 @@ def test_server_serves_an_mbox_spool_end_to_end(start_server, tmp_path):
     client.quit()
     assert read_all(root / "spool" / "alice") == [sample(2)]
     assert read_all(root / "spool" / "alice.Trash") == [sample(1)]
+
+
+# -- a writer killed with its dot-lock (issue 11 item 4) ---------------------------------------
+KILLED_WRITER = """
+import os, signal, sys
+from worker.mbox import DotLock
+if sys.argv[2] == "before-write":  # where an O_EXCL lock exists but holds nothing yet
+    os.write = lambda fd, data: os.kill(os.getpid(), signal.SIGKILL)
+DotLock(sys.argv[1]).acquire(float("inf"))
+os.kill(os.getpid(), signal.SIGKILL)  # dies holding the lock
+"""
+
+
+@pytest.mark.parametrize("moment", ["before-write", "holding"])
+def test_lock_of_a_killed_writer_does_not_stall_the_maildrop(start_server, tmp_path, moment):
+    """A writer killed by SIGKILL while taking jones.lock (before writing its pid) or holding
+    it: the lock is absent or names this host and a dead pid, so a login is served at once
+    (old code: an empty lock stalled the user for the 5-minute staleness)."""
+    root = tmp_path / "srv"
+    (root / "spool").mkdir(parents=True)
+    spool = root / "spool" / "alice"
+    spool.write_bytes(spool_of([sample(1), sample(2)]))
+    server = start_server("-mail", f"mbox:{root}/spool/%u", root=root, deliver=False)
+    lock = root / "spool" / "alice.lock"
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(lock), moment],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    if lock.exists():
+        words = lock.read_text().split()
+        assert len(words) == 2 and words[1] == mbox_mod.HOST, words
+        print(f"\nlock left by the killed writer ({moment}): {lock.read_text()!r}")
+    else:
+        print(f"\nno lock left by the writer killed {moment}")
+    assert moment == "holding" or not lock.exists()
+    client = server.login("alice")
+    assert client.stat()[0] == 2
+    client.quit()
+    assert not lock.exists()
+
+
+def test_dot_lock_judged_by_host_pid_and_age(tmp_path):
+    """This host + dead pid: taken over at once; another host's or an empty lock: waited for
+    until stale (five minutes untouched)."""
+    (tmp_path / "jones").write_bytes(spool_of([sample(1)]))
+    lock = tmp_path / "jones.lock"
+    box = Mbox(str(tmp_path / "jones"))
+    box.lock_wait = 0.3
+    for content in (f"{dead_pid()} elsewhere.example\n", ""):
+        lock.write_text(content)
+        with pytest.raises(TimeoutError):
+            box.scan()
+        old = time.time() - mbox_mod.STALE_SECONDS - 1
+        os.utime(lock, (old, old))
+        assert len(box.scan()) == 1 and not lock.exists()
+    lock.write_text(f"{dead_pid()} {mbox_mod.HOST}\n")
+    assert len(box.scan()) == 1 and not lock.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lk")]  # temps removed

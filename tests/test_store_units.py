@@ -147,8 +147,9 @@ def test_mbox_dot_lock_as_a_fifo_or_huge_file_is_judged_by_age(tmp_path):
     lock.unlink()
     lock.write_bytes(b"9" * 5_000_000)
     st, content = mbox_mod._read_lock(str(lock))
-    assert len(content) == mbox_mod.LOCK_READ_MAX and mbox_mod._lock_pid(content) == 0
-    assert mbox_mod._lock_pid(b"1234 host\n") == 1234 and mbox_mod._lock_pid(b"12\n") == 12
+    assert len(content) == mbox_mod.LOCK_READ_MAX and mbox_mod._lock_owner(content) == (0, "")
+    assert mbox_mod._lock_owner(b"1234 host\n") == (1234, "host")
+    assert mbox_mod._lock_owner(b"12\n") == (12, "")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
