@@ -14,12 +14,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from conftest import USERS
 from shared import settings as settings_mod
 from shared.stats import StatsArea
 from shared.users import parse_users
@@ -652,3 +654,52 @@ def test_dot_lock_judged_by_host_pid_and_age(tmp_path):
     lock.write_text(f"{dead_pid()} {mbox_mod.HOST}\n")
     assert len(box.scan()) == 1 and not lock.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lk")]  # temps removed
+
+
+# -- mbox work off the event loop (issue 11 item 5) ------------------------------------------------
+def _big_spool(path: Path, mib: int) -> None:
+    """``mib`` records of 1 MiB each, written in one pass."""
+    line = b"%07d the quick brown fox jumps over the lazy dog, again and again ....\n"
+    body = b"".join(line % k for k in range((1 << 20) // len(line % 0)))
+    with open(path, "wb") as fh:
+        for n in range(mib):
+            fh.write(format_record(b"Subject: big %d\nMessage-ID: <big%d@example.org>\n\n" % (n, n)
+                                   + body))
+
+
+def test_commit_of_a_200_mib_spool_leaves_other_sessions_answered(start_server, tmp_path):
+    """While QUIT rewrites and fsyncs a 200 MiB spool, NOOPs of another session on the same
+    worker are answered in under 50 ms (old code: the copy ran on the event loop, so they
+    waited for the whole commit, seconds)."""
+    root = tmp_path / "srv"
+    (root / "spool").mkdir(parents=True)
+    _big_spool(root / "spool" / "alice", 200)
+    (root / "spool" / "bob").write_bytes(spool_of([sample(1)]))
+    server = start_server("-mail", f"mbox:{root}/spool/%u", "-workers", "1", root=root,
+                          deliver=False)
+    alice = server.login("alice")
+    retrieved = alice.retr(3)[1]  # RETR of a 1 MiB message also reads under the spool locks
+    assert retrieved[0] == b"Subject: big 2"
+    alice.dele(1)
+    bob = server.raw(timeout=30)
+    bob.line()
+    bob.command("USER bob")
+    assert bob.command(f"PASS {USERS['bob']}") == R.LOGIN_OK.encode()
+    quit_reply: list[bytes] = []
+    quitter = threading.Thread(target=lambda: quit_reply.append(alice.quit()), daemon=True)
+    started = time.monotonic()
+    quitter.start()
+    latencies = []
+    while quitter.is_alive() and time.monotonic() - started < 120:  # bounded in time
+        sent = time.monotonic()
+        assert bob.command("NOOP").startswith(b"+OK")
+        latencies.append(time.monotonic() - sent)
+    quitter.join(60)
+    took = time.monotonic() - started
+    print(f"\n200 MiB mbox commit: {took:.2f} s; {len(latencies)} NOOPs of another session"
+          f" meanwhile, slowest {max(latencies) * 1000:.1f} ms,"
+          f" median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+    assert quit_reply and quit_reply[0].startswith(b"+OK")
+    assert len(latencies) >= 3  # the NOOPs really ran while the commit did
+    assert max(latencies) < 0.05
+    assert (root / "spool" / "alice").stat().st_size < 200 << 20
