@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from conftest import USERS
 from shared import settings as settings_mod
 from shared.stats import StatsArea
 from shared.users import parse_users
@@ -594,3 +597,109 @@ def test_server_serves_an_mbox_spool_end_to_end(start_server, tmp_path):
     client.quit()
     assert read_all(root / "spool" / "alice") == [sample(2)]
     assert read_all(root / "spool" / "alice.Trash") == [sample(1)]
+
+
+# -- a writer killed with its dot-lock (issue 11 item 4) ---------------------------------------
+KILLED_WRITER = """
+import os, signal, sys
+from worker.mbox import DotLock
+if sys.argv[2] == "before-write":  # where an O_EXCL lock exists but holds nothing yet
+    os.write = lambda fd, data: os.kill(os.getpid(), signal.SIGKILL)
+DotLock(sys.argv[1]).acquire(float("inf"))
+os.kill(os.getpid(), signal.SIGKILL)  # dies holding the lock
+"""
+
+
+@pytest.mark.parametrize("moment", ["before-write", "holding"])
+def test_lock_of_a_killed_writer_does_not_stall_the_maildrop(start_server, tmp_path, moment):
+    """A writer killed by SIGKILL while taking jones.lock (before writing its pid) or holding
+    it: the lock is absent or names this host and a dead pid, so a login is served at once
+    (old code: an empty lock stalled the user for the 5-minute staleness)."""
+    root = tmp_path / "srv"
+    (root / "spool").mkdir(parents=True)
+    spool = root / "spool" / "alice"
+    spool.write_bytes(spool_of([sample(1), sample(2)]))
+    server = start_server("-mail", f"mbox:{root}/spool/%u", root=root, deliver=False)
+    lock = root / "spool" / "alice.lock"
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(lock), moment],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    if lock.exists():
+        words = lock.read_text().split()
+        assert len(words) == 2 and words[1] == mbox_mod.HOST, words
+        print(f"\nlock left by the killed writer ({moment}): {lock.read_text()!r}")
+    else:
+        print(f"\nno lock left by the writer killed {moment}")
+    assert moment == "holding" or not lock.exists()
+    client = server.login("alice")
+    assert client.stat()[0] == 2
+    client.quit()
+    assert not lock.exists()
+
+
+def test_dot_lock_judged_by_host_pid_and_age(tmp_path):
+    """This host + dead pid: taken over at once; another host's or an empty lock: waited for
+    until stale (five minutes untouched)."""
+    (tmp_path / "jones").write_bytes(spool_of([sample(1)]))
+    lock = tmp_path / "jones.lock"
+    box = Mbox(str(tmp_path / "jones"))
+    box.lock_wait = 0.3
+    for content in (f"{dead_pid()} elsewhere.example\n", ""):
+        lock.write_text(content)
+        with pytest.raises(TimeoutError):
+            box.scan()
+        old = time.time() - mbox_mod.STALE_SECONDS - 1
+        os.utime(lock, (old, old))
+        assert len(box.scan()) == 1 and not lock.exists()
+    lock.write_text(f"{dead_pid()} {mbox_mod.HOST}\n")
+    assert len(box.scan()) == 1 and not lock.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lk")]  # temps removed
+
+
+# -- mbox work off the event loop (issue 11 item 5) ------------------------------------------------
+def _big_spool(path: Path, mib: int) -> None:
+    """``mib`` records of 1 MiB each, written in one pass."""
+    line = b"%07d the quick brown fox jumps over the lazy dog, again and again ....\n"
+    body = b"".join(line % k for k in range((1 << 20) // len(line % 0)))
+    with open(path, "wb") as fh:
+        for n in range(mib):
+            fh.write(format_record(b"Subject: big %d\nMessage-ID: <big%d@example.org>\n\n" % (n, n)
+                                   + body))
+
+
+def test_commit_of_a_200_mib_spool_leaves_other_sessions_answered(start_server, tmp_path):
+    """While QUIT rewrites and fsyncs a 200 MiB spool, NOOPs of another session on the same
+    worker are answered in under 50 ms (old code: the copy ran on the event loop, so they
+    waited for the whole commit, seconds)."""
+    root = tmp_path / "srv"
+    (root / "spool").mkdir(parents=True)
+    _big_spool(root / "spool" / "alice", 200)
+    (root / "spool" / "bob").write_bytes(spool_of([sample(1)]))
+    server = start_server("-mail", f"mbox:{root}/spool/%u", "-workers", "1", root=root,
+                          deliver=False)
+    alice = server.login("alice")
+    retrieved = alice.retr(3)[1]  # RETR of a 1 MiB message also reads under the spool locks
+    assert retrieved[0] == b"Subject: big 2"
+    alice.dele(1)
+    bob = server.raw(timeout=30)
+    bob.line()
+    bob.command("USER bob")
+    assert bob.command(f"PASS {USERS['bob']}") == R.LOGIN_OK.encode()
+    quit_reply: list[bytes] = []
+    quitter = threading.Thread(target=lambda: quit_reply.append(alice.quit()), daemon=True)
+    started = time.monotonic()
+    quitter.start()
+    latencies = []
+    while quitter.is_alive() and time.monotonic() - started < 120:  # bounded in time
+        sent = time.monotonic()
+        assert bob.command("NOOP").startswith(b"+OK")
+        latencies.append(time.monotonic() - sent)
+    quitter.join(60)
+    took = time.monotonic() - started
+    print(f"\n200 MiB mbox commit: {took:.2f} s; {len(latencies)} NOOPs of another session"
+          f" meanwhile, slowest {max(latencies) * 1000:.1f} ms,"
+          f" median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+    assert quit_reply and quit_reply[0].startswith(b"+OK")
+    assert len(latencies) >= 3  # the NOOPs really ran while the commit did
+    assert max(latencies) < 0.05
+    assert (root / "spool" / "alice").stat().st_size < 200 << 20

@@ -91,3 +91,88 @@ def test_factory_picks_the_store_and_the_owner(tmp_path):
     Settings.mail = "maildir:~/Maildir"
     with pytest.raises(store.MaildropError):
         store.open_maildrop(Settings, Account("carol", "x"), store.PLAIN)
+
+
+# -- mbox: the same rules for the spool's siblings and locks -------------------------------------
+def _spool(tmp_path):
+    from worker.mboxformat import format_record
+
+    spool = tmp_path / "alice"
+    spool.write_bytes(b"".join(format_record(b"Subject: %d\n\nbody %d\n" % (n, n))
+                               for n in (1, 2)))
+    return spool
+
+
+def test_mbox_commit_never_writes_through_a_planted_temp_name(tmp_path):
+    """.alice.iupop3.new -> a victim: commit makes a fresh file (O_EXCL); the victim is intact."""
+    spool = _spool(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    box = Mbox(str(spool))
+    box.lock()
+    messages = box.scan()
+    (tmp_path / ".alice.iupop3.new").symlink_to(victim)
+    box.commit(messages[:1])
+    box.unlock()
+    assert victim.read_bytes() == b"precious\n"
+    assert b"body 2" in spool.read_bytes() and b"body 1" not in spool.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_mbox_never_appends_to_a_planted_wastebasket(tmp_path, kind):
+    """alice.Trash as a symlink or hard link to a victim: commit fails, nothing is lost or
+    written to the victim."""
+    spool = _spool(tmp_path)
+    before = spool.read_bytes()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    trash = tmp_path / "alice.Trash"
+    trash.symlink_to(victim) if kind == "symlink" else os.link(victim, trash)
+    box = Mbox(str(spool))
+    box.lock()
+    with pytest.raises(OSError):
+        box.commit(box.scan()[:1])
+    box.unlock()
+    assert victim.read_bytes() == b"precious\n" and spool.read_bytes() == before
+
+
+def test_mbox_dot_lock_as_a_fifo_or_huge_file_is_judged_by_age(tmp_path):
+    """A FIFO or a huge digit run as alice.lock: no blocked read, no int() of megabytes; it is
+    not a live pid, so it waits for the staleness time like an empty lock."""
+    from worker import mbox as mbox_mod
+
+    lock = tmp_path / "alice.lock"
+    os.mkfifo(lock)
+    assert mbox_mod._read_lock(str(lock))[1] == b""
+    lock.unlink()
+    lock.write_bytes(b"9" * 5_000_000)
+    st, content = mbox_mod._read_lock(str(lock))
+    assert len(content) == mbox_mod.LOCK_READ_MAX and mbox_mod._lock_owner(content) == (0, "")
+    assert mbox_mod._lock_owner(b"1234 host\n") == (1234, "host")
+    assert mbox_mod._lock_owner(b"12\n") == (12, "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
+@pytest.mark.parametrize("link_uid, target_uid, accepted", [
+    (65534, 65534, True), (0, 65534, False), (65534, 0, False)])
+def test_symlinked_home_maildir_only_when_link_and_target_are_the_accounts(tmp_path, link_uid,
+                                                                         target_uid, accepted):
+    """~/Maildir -> /elsewhere/Maildir is followed only when the link and the directory it
+    leads to both belong to the account (uid from the users file)."""
+    home, target = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    target.mkdir()
+    (home / "Maildir").symlink_to(target)
+    os.chown(home, 65534, 65534)
+    os.chown(target, target_uid, 0)
+    os.chown(home / "Maildir", link_uid, 0, follow_symlinks=False)
+    drop = Maildir((str(home), ("Maildir",)), owner=65534)
+    if not accepted:
+        with pytest.raises(store.MaildropError, match="symlink"):
+            drop.lock()
+        assert sorted(os.listdir(target)) == []
+        return
+    drop.lock()
+    assert drop.scan() == []
+    drop.unlock()
+    assert sorted(os.listdir(target)) == [".iupop3.lock", "cur", "new", "tmp"]

@@ -9,15 +9,25 @@ nothing on disk. Deleted mail goes to the wastebasket folder (Maildir++ ``.Trash
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
+from shared.logsetup import escaped, log
+from worker import safefs
+from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
                               Message, Sizing, fault_stop_point, session_flock)
 
 LOCK_NAME = ".iupop3.lock"
+MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
+SUBS = ("cur", "new", "tmp")
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
 Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
@@ -66,180 +76,364 @@ def uid_for(base: str) -> str:
 
 
 def ensure_maildir(path: str) -> None:
-    for sub in ("cur", "new", "tmp"):
+    """Make cur/, new/ and tmp/ by path: for tests and tools (the server makes them through
+    ``Maildir.lock``, never following a symlink)."""
+    for sub in SUBS:
         os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
 
+def _where(path: str) -> tuple[str, str]:
+    """(sub folder, file name) of a Message.path."""
+    sub, name = path.rsplit("/", 2)[-2:]
+    return sub, name
+
+
 class Maildir:
-    """One user's Maildir, locked for the lifetime of a POP3 session (a worker.store.Maildrop)."""
+    """One user's Maildir, locked for the lifetime of a POP3 session (a worker.store.Maildrop).
+
+    Opened from ``where`` = (trusted directory, components below it) as worker.safefs walks
+    it; then every name is resolved relative to the Maildir's descriptor, and only regular
+    files of ``owner`` (the users file's uid, else the Maildir's own) are counted, served,
+    moved or deleted. Anything else is skipped with one INFO line.
+    """
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
                  purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None):
-        if isinstance(where, str):
-            where = (where, ())
-        self.path = os.path.join(where[0], *where[1])
+        self.trusted, self.below = (where, ()) if isinstance(where, str) else where
+        self.path = os.path.join(self.trusted, *self.below)
         self.sizing = sizing
         self.owner = owner
         self.wastebasket = wastebasket
         self.purge = purge
+        self._root_fd: int | None = None
         self._lock_fd: int | None = None
 
+    # -- session lock --------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the session lock; flock is per open file, so it holds across workers and
-        between two sessions of one worker, and dies with the process that holds it."""
-        lock_path = os.path.join(self.path, LOCK_NAME)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        """Open the Maildir (made at a user's first login) and take the session lock; flock is
+        per open file, so it holds across workers and between two sessions of one worker, and
+        dies with the process that holds it."""
         try:
-            try:
-                fd = os.open(lock_path, flags, 0o600)
-            except FileNotFoundError:  # a user's first login: make the Maildir
-                ensure_maildir(self.path)
-                fd = os.open(lock_path, flags, 0o600)
+            root = safefs.walk(self.trusted, self.below, self.owner, create=True)
+        except UnsafeEntry as exc:
+            raise MaildropError(self._refused(exc)) from None
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
-        self._lock_fd = session_flock(fd, self.path)
+        try:
+            owner = self.owner if self.owner is not None else os.fstat(root).st_uid
+            for sub in SUBS:  # none may be a symlink: checked once here, for the session
+                os.close(safefs.open_dir(root, sub, create=True, owner=owner))
+            fd = os.open(LOCK_NAME, _LOCK_FLAGS, 0o600, dir_fd=root)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                raise UnsafeEntry(0, "is not a regular file of one link", LOCK_NAME)
+            self._lock_fd = session_flock(fd, self.path)
+        except OSError as exc:
+            os.close(root)
+            if isinstance(exc, UnsafeEntry) or exc.errno == errno.ELOOP:
+                raise MaildropError(self._refused(exc)) from None
+            raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+        except BaseException:  # MaildropBusy from session_flock, which closed fd itself
+            os.close(root)
+            raise
+        self._root_fd, self.owner = root, owner
+
+    def _refused(self, exc: OSError) -> str:
+        what = escaped(str(exc.filename))
+        reason = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        return f"maildrop {escaped(self.path)}: {what} {reason}; refused"
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the only descriptor releases the flock
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._root_fd):
+            if fd is not None:
+                os.close(fd)  # closing the only descriptor releases the flock
+        self._lock_fd = self._root_fd = None
 
+    @contextmanager
+    def _root(self) -> Iterator[int]:
+        """The Maildir's descriptor: the session's, or (scan without a lock, in tests and
+        tools) one walked for this call."""
+        if self._root_fd is not None:
+            yield self._root_fd
+            return
+        fd = safefs.walk(self.trusted, self.below, self.owner, create=False)
+        try:
+            if self.owner is None:
+                self.owner = os.fstat(fd).st_uid
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _skip(self, where: str, reason: str) -> None:
+        """One INFO line for an entry that is not served; names from disk are escaped."""
+        log.info("maildrop %s: skipped %s: %s", escaped(self.path), escaped(where), reason)
+
+    # -- reading -------------------------------------------------------------------------------
     def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
-        listing = self._listing()
-        entries = SCANS.get(self.path, listing, self.sizing)
-        if entries is None:
-            entries = self._measure_all(listing)
-            SCANS.put(self.path, listing, self.sizing, entries)
+        with self._root() as root:
+            listing = _listing(root)
+            entries = SCANS.get(self.path, listing, self.sizing)
+            if entries is None:
+                entries = self._measure_all(root, listing)
+                SCANS.put(self.path, listing, self.sizing, entries)
         if maxmsg:
             entries = entries[:maxmsg]
         return [Message(index, uid, size, path, base, foreign)
                 for index, (uid, size, path, base, foreign) in enumerate(entries)]
 
-    def _listing(self) -> tuple[frozenset[str], frozenset[str]]:
-        """The names in new/ and cur/ (a missing folder is empty)."""
-        found = []
-        for sub in ("new", "cur"):
-            try:
-                found.append(frozenset(os.listdir(os.path.join(self.path, sub))))
-            except FileNotFoundError:
-                found.append(frozenset())
-        return found[0], found[1]
-
-    def _measure_all(self, listing: Listing) -> list[Entry]:
-        """(uid, size, path, base, foreign) of every message, oldest first."""
-        found: list[tuple[int, str, str, str]] = []
-        for sub, names in zip(("new", "cur"), listing):
-            folder = os.path.join(self.path, sub)
-            for name in names:
-                if name.startswith("."):
-                    continue
-                base = name.split(":", 1)[0]
-                found.append((_delivery_time(folder, name), base, sub, name))
-        found.sort()
-        entries = []
-        for when, base, sub, name in found:
-            path = os.path.join(self.path, sub, name)
-            try:
-                size, foreign = self._measure(path, base)
-            except FileNotFoundError:
-                try:  # moved new/ -> cur/ (or flagged) by another program since the listing
-                    path = self._find(base)
-                    size, foreign = self._measure(path, base)
-                except FileNotFoundError:
-                    continue  # removed since the listing
-            entries.append((uid_for(base), size, path, base, foreign))
-        return entries
-
-    def _measure(self, path: str, base: str) -> tuple[int, bool]:
-        st = os.stat(path)
-        key: Hashable = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
-        return self.sizing.size_of(key, lambda: open(path, "rb"))
-
-    def open_message(self, message: Message):
-        """A binary file of the stored message; it may have moved new/ -> cur/ meanwhile."""
+    def _measure_all(self, root: int, listing: Listing) -> list[Entry]:
+        """(uid, size, path, base, foreign) of every servable message, oldest first."""
+        folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
         try:
-            return open(message.path, "rb")
-        except FileNotFoundError:
-            message.path = self._find(message.base)
-            return open(message.path, "rb")
+            found = []
+            for sub, names in zip(("new", "cur"), listing):
+                for name in names:
+                    st = self._servable(folders[sub], sub, name)
+                    if st is not None:
+                        found.append((_delivery_time(name, st), name.split(":", 1)[0], sub,
+                                      name, st))
+            found.sort(key=lambda item: item[:4])
+            entries = []
+            for _, base, sub, name, st in found:
+                value = self._measure(folders[sub], sub, name, base, st)
+                if value is not None:
+                    path = f"{self.path}/{sub}/{name}"
+                    entries.append((uid_for(base), value[0], path, base, value[1]))
+            return entries
+        finally:
+            for fd in folders.values():
+                if fd is not None:
+                    os.close(fd)
 
+    def _servable(self, folder: int | None, sub: str, name: str) -> os.stat_result | None:
+        """The lstat of a listed name if it may be a message, else None (logged)."""
+        if folder is None or name.startswith("."):
+            return None
+        try:
+            st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # moved or removed since the listing: the next scan sees it
+        problem = safefs.refusal(st, self.owner)
+        if problem is not None:
+            self._skip(f"{sub}/{name}", problem)
+            return None
+        return st
+
+    def _measure(self, folder: int, sub: str, name: str, base: str,
+                 st: os.stat_result) -> tuple[int, bool] | None:
+        key: Hashable = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
+
+        @contextmanager
+        def stored() -> Iterator[BinaryIO]:
+            with os.fdopen(safefs.open_regular(folder, name, self.owner, st), "rb") as fh:
+                yield fh
+
+        try:
+            return self.sizing.size_of(key, stored)
+        except FileNotFoundError:
+            return None  # removed since the listing
+        except UnsafeEntry as exc:
+            self._skip(f"{sub}/{name}", exc.strerror)
+            return None
+
+    def open_message(self, message: Message) -> BinaryIO:
+        """A binary file of the stored message; it may have moved new/ -> cur/ meanwhile.
+
+        A name now holding a symlink, FIFO or another owner's file is FileNotFoundError (the
+        session answers "no such message"), never opened for reading in a way that blocks.
+        """
+        with self._root() as root:
+            sub, name = _where(message.path)
+            try:
+                try:
+                    fd = _open_in(root, sub, name, self.owner)
+                except FileNotFoundError:
+                    sub, name = self._find(root, message.base)
+                    message.path = f"{self.path}/{sub}/{name}"
+                    fd = _open_in(root, sub, name, self.owner)
+            except UnsafeEntry as exc:
+                self._skip(f"{sub}/{name}", exc.strerror)
+                raise FileNotFoundError(errno.ENOENT, "refused: " + exc.strerror,
+                                        message.uid) from None
+        return os.fdopen(fd, "rb")
+
+    # -- update --------------------------------------------------------------------------------
     def commit(self, deleted: list[Message]) -> int:
         """Apply the session's deletions (UPDATE state only); returns how many of them were
         foreign and so moved to ``FOREIGN_FOLDER`` instead (IUPOP3 "lies about having
         deleted them"), whatever ``purge`` says."""
         if not deleted:
             return 0
-        trash = None if self.purge else self._folder(self.wastebasket)
-        kept = 0
-        for done, message in enumerate(deleted):
-            fault_stop_point(done)
-            target = self._folder(FOREIGN_FOLDER) if message.foreign else trash
+        with self._root() as root:
+            opened: list[int] = []
             try:
-                self._remove(message, target)
-            except FileNotFoundError:
-                continue  # already gone: another client deleted it, which is what we wanted
-            kept += message.foreign
+                trash = None if self.purge else self._folder(root, self.wastebasket, opened)
+                foreign = (self._folder(root, FOREIGN_FOLDER, opened)
+                           if any(m.foreign for m in deleted) else None)
+                kept = self._apply(root, deleted, trash, foreign)
+            finally:
+                for fd in opened:
+                    os.close(fd)
         if self.purge:
             self.empty_wastebasket()
         return kept
 
-    def _folder(self, name: str) -> str:
-        """A Maildir++ folder of this maildrop, created if missing."""
-        folder = os.path.join(self.path, name)
-        ensure_maildir(folder)
-        marker = os.path.join(folder, "maildirfolder")
-        if not os.path.exists(marker):
-            open(marker, "a").close()
-        return folder
+    def _apply(self, root: int, deleted: list[Message], trash: int | None,
+               foreign: int | None) -> int:
+        folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
+        kept = 0
+        try:
+            for done, message in enumerate(deleted):
+                fault_stop_point(done)
+                try:
+                    self._remove(root, folders, message, foreign if message.foreign else trash)
+                except FileNotFoundError:
+                    continue  # already gone: another client deleted it, which is what we wanted
+                except UnsafeEntry as exc:
+                    self._skip(f"{exc.filename}", exc.strerror + "; not moved or deleted")
+                    continue
+                kept += message.foreign
+        finally:
+            for fd in folders.values():
+                if fd is not None:
+                    os.close(fd)
+        return kept
 
-    def _remove(self, message: Message, trash: str | None) -> None:
-        path = message.path
-        if not os.path.exists(path):
-            path = self._find(message.base)
-        if trash is None:
-            os.unlink(path)
+    def _folder(self, root: int, name: str, opened: list[int]) -> int:
+        """The cur/ descriptor of a Maildir++ folder of this maildrop, made if missing."""
+        folder = safefs.open_dir(root, name, create=True, owner=self.owner)
+        opened.append(folder)
+        for sub in SUBS:
+            fd = safefs.open_dir(folder, sub, create=True, owner=self.owner)
+            opened.append(fd)
+            if sub == "cur":
+                cur = fd
+        safefs.ensure_file(folder, MARKER)
+        return cur
+
+    def _remove(self, root: int, folders: dict[str, int | None], message: Message,
+                target: int | None) -> None:
+        sub, name = _where(message.path)
+        st = _lstat(folders.get(sub), name)
+        if st is None:
+            sub, name = self._find(root, message.base)
+            st = _lstat(folders.get(sub), name)
+            if st is None:
+                raise FileNotFoundError(errno.ENOENT, "no longer in the maildrop", name)
+        problem = safefs.refusal(st, self.owner)
+        if problem is not None:
+            raise UnsafeEntry(0, problem, f"{sub}/{name}")
+        folder = folders[sub]
+        if target is None:
+            os.unlink(name, dir_fd=folder)
             return
-        name = os.path.basename(path)
-        if ":2," not in name:
-            name += ":2,"
         # rename() is atomic: the message is in exactly one folder at every moment.
-        os.rename(path, os.path.join(trash, "cur", name))
+        os.rename(name, name if ":2," in name else name + ":2,", src_dir_fd=folder,
+                  dst_dir_fd=target)
 
     def empty_wastebasket(self) -> None:
+        """Remove the wastebasket's messages (``purge``): regular files of the owner only, and
+        never through a symlinked folder."""
         if self.wastebasket.strip("/") == FOREIGN_FOLDER:
             return  # foreign messages are never removed
-        trash = os.path.join(self.path, self.wastebasket)
-        for sub in ("cur", "new"):
-            folder = os.path.join(trash, sub)
+        with self._root() as root:
             try:
-                names = os.listdir(folder)
+                trash = safefs.open_dir(root, self.wastebasket)
             except FileNotFoundError:
-                continue
-            for name in names:
+                return
+            except UnsafeEntry as exc:
+                self._skip(self.wastebasket, f"{exc.strerror}; not emptied")
+                return
+            try:
+                for sub in ("cur", "new"):
+                    self._empty(trash, sub)
+            finally:
+                os.close(trash)
+
+    def _empty(self, trash: int, sub: str) -> None:
+        where = f"{self.wastebasket}/{sub}"
+        try:
+            folder = safefs.open_dir(trash, sub)
+        except FileNotFoundError:
+            return
+        except UnsafeEntry as exc:
+            self._skip(where, f"{exc.strerror}; not emptied")
+            return
+        try:
+            for name in os.listdir(folder):
                 try:
-                    os.unlink(os.path.join(folder, name))
+                    st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                    problem = safefs.refusal(st, self.owner)
+                    if problem is not None:
+                        self._skip(f"{where}/{name}", problem + "; not deleted")
+                        continue
+                    os.unlink(name, dir_fd=folder)
                 except FileNotFoundError:
                     pass
+        finally:
+            os.close(folder)
 
-    def _find(self, base: str) -> str:
+    def _find(self, root: int, base: str) -> tuple[str, str]:
+        """(sub, name) of the message ``base`` now (moved new/ -> cur/ or flagged meanwhile)."""
         for sub in ("cur", "new"):
-            folder = os.path.join(self.path, sub)
+            folder = _open_sub(root, sub)
+            if folder is None:
+                continue
             try:
                 for name in os.listdir(folder):
                     if name == base or name.startswith(base + ":"):
-                        return os.path.join(folder, name)
-            except FileNotFoundError:
-                continue
-        raise FileNotFoundError(base)
+                        return sub, name
+            finally:
+                os.close(folder)
+        raise FileNotFoundError(errno.ENOENT, "no longer in the maildrop", base)
 
 
-def _delivery_time(folder: str, name: str) -> int:
+def _open_sub(root: int, sub: str) -> int | None:
+    """cur/ or new/ of the Maildir, never through a symlink; None when missing."""
+    try:
+        return safefs.open_dir(root, sub)
+    except FileNotFoundError:
+        return None
+
+
+def _lstat(folder: int | None, name: str) -> os.stat_result | None:
+    """lstat of ``name`` in ``folder`` (never dir_fd=None: that would be the working dir)."""
+    if folder is None:
+        return None
+    try:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _open_in(root: int, sub: str, name: str, owner: int | None) -> int:
+    folder = safefs.open_dir(root, sub)
+    try:
+        return safefs.open_regular(folder, name, owner)
+    finally:
+        os.close(folder)
+
+
+def _listing(root: int) -> Listing:
+    """The names in new/ and cur/ (a missing folder is empty)."""
+    found = []
+    for sub in ("new", "cur"):
+        folder = _open_sub(root, sub)
+        if folder is None:
+            found.append(frozenset())
+            continue
+        try:
+            found.append(frozenset(os.listdir(folder)))
+        finally:
+            os.close(folder)
+    return found[0], found[1]
+
+
+def _delivery_time(name: str, st: os.stat_result) -> int:
     """Maildir names start with the delivery time; other names fall back to the file's mtime."""
     head = name.split(".", 1)[0]
     if head.isascii() and head.isdigit():  # "²".isdigit() is true, int("²") fails
         return int(head)
-    try:
-        return int(os.stat(os.path.join(folder, name)).st_mtime)
-    except FileNotFoundError:
-        return 0
+    return int(st.st_mtime)

@@ -8,8 +8,9 @@ Locks: for the whole session an flock on ``.USER.iupop3.lock`` beside the spool 
 POP3 sessions out (per open file, so it also holds between sessions of one worker, and dies
 with the process); it needs only the directory write access dot-locking needs anyway. The
 spool is locked only while it is read or rewritten, as delivery agents lock it: ``USER.lock``
-made with O_EXCL and holding our pid (stale when untouched for five minutes, like liblockfile,
-or when its pid is a dead process on this host), then fcntl (lockf) on the spool. Both are
+linked from a temp file holding our pid and host name, as liblockfile makes it (stale when
+untouched for five minutes, or at once when it names this host and a dead pid), then fcntl
+(lockf) on the spool. Both are
 tried without blocking and retried with backoff until ``lock_wait``, then TimeoutError (an
 OSError: the Session answers [SYS/TEMP]). The scan keeps each message's offsets and CRC, so mail
 delivered during a session is never shown in it; RETR re-locks, copies the bytes, checks the
@@ -38,8 +39,8 @@ import fcntl
 import io
 import itertools
 import os
+import socket
 import stat
-import sys
 import tempfile
 import time
 import zlib
@@ -47,7 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from shared.logsetup import log
+from shared.logsetup import escaped, log
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
@@ -55,15 +56,19 @@ from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, v
 STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
 TOUCH_SECONDS = 60          # a long rewrite keeps its dot-lock fresh, like lockfile_touch()
 LOCK_WAIT_SECONDS = 20.0
+# This host in dot-locks: a lock naming it and a dead pid is taken over at once. Only the
+# characters a file name and a one-word lock line can hold.
+HOST = "".join(c for c in socket.gethostname() if c.isascii() and (c.isalnum() or c in ".-_"))[
+    :64] or "localhost"
+_TEMP_SERIAL = itertools.count()  # unique temp names among the threads of one process
 FOREIGN_SUFFIX = FOREIGN_FOLDER
 _CHUNK = SPOOL_CHUNK       # copy and RETR read size
 
 
 # -- locks -----------------------------------------------------------------------------------
 def _sleep(seconds: float) -> None:
-    # Workers are not monkey-patched: time.sleep would stall every session of the worker.
-    gevent = sys.modules.get("gevent")
-    (gevent.sleep if gevent is not None else time.sleep)(seconds)
+    # Mbox work runs in the worker's thread pool (worker.store): a real sleep stalls no session.
+    time.sleep(seconds)
 
 
 def _alive(pid: int) -> bool:
@@ -77,7 +82,10 @@ def _alive(pid: int) -> bool:
 
 
 class DotLock:
-    """``FILE.lock`` created with O_EXCL and holding our pid, as liblockfile makes it."""
+    """``FILE.lock`` made the liblockfile way: a uniquely named temp file holding our pid and
+    host name is ``link()``ed to the lock name, then removed. The lock appears whole or not at
+    all (a writer killed at any moment never leaves an empty one), and link() is atomic on NFS
+    too, where O_EXCL was not always."""
 
     def __init__(self, path: str):
         self.path = path
@@ -87,40 +95,50 @@ class DotLock:
     def acquire(self, deadline: float) -> None:
         delay = 0.01
         while True:  # ends: every turn without the lock checks the deadline
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                if self._break_if_stale() and time.monotonic() < deadline:
-                    continue
-            else:
-                try:
-                    os.write(fd, f"{os.getpid()}\n".encode())
-                    self._inode = os.fstat(fd).st_ino
-                except OSError:
-                    # ENOSPC: an empty lock names no pid, so it would look alive for
-                    # STALE_SECONDS and stall every reader and delivery (tests/test_faults.py).
-                    os.unlink(self.path)
-                    raise
-                finally:
-                    os.close(fd)
+            if self._link():
                 self._touched = time.monotonic()
                 return
+            if self._break_if_stale() and time.monotonic() < deadline:
+                continue
             if time.monotonic() >= deadline:
                 raise TimeoutError(errno.ETIMEDOUT, "mail spool is locked", self.path)
             _sleep(delay)
             delay = min(delay * 2, 0.5)
 
+    def _link(self) -> bool:
+        """One attempt: True if the lock is ours now, False if someone else holds it."""
+        temp = os.path.join(os.path.dirname(self.path),
+                            f".lk{os.getpid()}.{next(_TEMP_SERIAL)}.{HOST}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            try:
+                _write_all(fd, f"{os.getpid()} {HOST}\n".encode())  # ENOSPC: no lock at all
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, self.path)
+            except FileExistsError:
+                return False
+            except OSError:
+                # liblockfile: over NFS link() may report an error for a link it made.
+                if os.lstat(temp).st_nlink != 2:
+                    raise
+            self._inode = os.lstat(temp).st_ino
+            return True
+        finally:
+            _unlink_quietly(temp)
+
     def _break_if_stale(self) -> bool:
         """Remove the lock if its holder is gone; True if the caller should retry at once."""
         try:
-            st = os.lstat(self.path)
-            with open(self.path, "rb") as fh:
-                content = fh.read(32)
+            st, content = _read_lock(self.path)
         except FileNotFoundError:
             return True
-        pid = int(content) if content.strip().isdigit() else 0
-        dead = pid > 0 and not _alive(pid)
+        pid, host = _lock_owner(content)
+        # Only a pid of this host can be checked; another host's lock, or an empty one (other
+        # delivery agents create, then write), waits for its age like liblockfile's.
+        dead = pid > 0 and host in ("", HOST) and not _alive(pid)
         if not dead and time.time() - st.st_mtime < STALE_SECONDS:
             return False
         # Remove only the lock we judged. Between this lstat and unlink another breaker could
@@ -128,7 +146,7 @@ class DotLock:
         try:
             if os.lstat(self.path).st_ino == st.st_ino:
                 os.unlink(self.path)
-                log.info("removed stale lock %s (pid %s)", self.path, pid or "unknown")
+                log.info("removed stale lock %s (pid %s)", escaped(self.path), pid or "unknown")
         except FileNotFoundError:
             pass
         return True
@@ -149,6 +167,37 @@ class DotLock:
         except FileNotFoundError:
             pass
         self._inode = None
+
+
+LOCK_READ_MAX = 128  # a dot-lock holds a pid (and a host name): more is not a lock of ours
+
+
+def _read_lock(path: str) -> tuple[os.stat_result, bytes]:
+    """(lstat, first bytes) of a dot-lock, never through a symlink nor blocking on a FIFO;
+    anything but a regular file reads as empty (so it is judged by its age)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return os.lstat(path), b""
+    try:
+        st = os.fstat(fd)
+        return st, os.read(fd, LOCK_READ_MAX) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+
+
+def _lock_owner(content: bytes) -> tuple[int, str]:
+    """(pid, host) from a lock's first line: ours write "PID HOST", liblockfile "PID"; pid 0
+    when there is none. At most 10 ASCII digits: a planted lock cannot make int() work on
+    megabytes."""
+    words = content.split(b"\n", 1)[0].split()
+    word = words[0] if words else b""
+    if not word or len(word) > 10 or not (word.isascii() and word.isdigit()):
+        return 0, ""
+    host = words[1].decode("ascii", "replace") if len(words) > 1 else ""
+    return int(word), host
 
 
 def _fcntl_lock(fd: int, exclusive: bool, deadline: float, path: str) -> None:
@@ -214,10 +263,13 @@ class Mbox:
         if "/" in self.wastebasket or not self.wastebasket.strip("."):
             raise MaildropError(f"wastebasket {self.wastebasket!r} is not a file name suffix")
         try:
-            fd = os.open(self.session_lock_path,
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.session_lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
         self._session_fd = session_flock(fd, self.path)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
 
@@ -253,9 +305,16 @@ class Mbox:
             dot.release()
 
     def _open(self, path: str, write: bool, owner: os.stat_result | None) -> int | None:
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        """The spool or a sibling, never through a symlink nor blocking on a FIFO; a sibling
+        (``owner`` given) must be the spool owner's, with one link, like the spool written."""
+        flags = ((os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC)
         try:
             fd = os.open(path, flags)
+            st = os.fstat(fd)
+            if write and (st.st_nlink != 1 or owner is not None and st.st_uid != owner.st_uid):
+                os.close(fd)
+                raise OSError(errno.EPERM, "a hard link or another owner's file", path)
         except FileNotFoundError:
             if owner is None:
                 return None
@@ -404,7 +463,10 @@ class Mbox:
     def _rewrite(self, source: BinaryIO, spool: os.stat_result, drops: list[Record],
                  dot: DotLock) -> None:
         """Copy all but ``drops`` to a new file and rename it over the spool."""
-        new = os.open(self.new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        # A fresh file (O_EXCL), never one found there: a planted symlink or hard link under
+        # this name would otherwise be truncated and filled with the user's mail.
+        _unlink_quietly(self.new_path)
+        new = os.open(self.new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                       | os.O_CLOEXEC, 0o600)
         try:
             pos = 0
