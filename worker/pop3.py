@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from shared.logsetup import THREAD, masked_command, session_logger
 from worker import replies as R
 from worker import rewrite, sasl
+from worker.limits import ConnectionLimits
 from worker.maildir import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
@@ -60,7 +61,7 @@ class Session:
 
     def __init__(self, ctx: "ServerContext", write: Callable[[bytes], None], peer: str,
                  session_id: str, *, secure: bool = False, tls_available: bool = False,
-                 local: bool = True, address: str = ""):
+                 local: bool = True, address: str = "", limits: ConnectionLimits | None = None):
         self.ctx = ctx
         self._write = write
         self.peer = peer
@@ -73,6 +74,8 @@ class Session:
         self.continuation: Callable[[bytes], None] | None = None
         self.apop_timestamp = ctx.apop_timestamp() if ctx.settings.apop else ""
         self.log = session_logger(session_id)
+        # The connection's limits (login deadline, bad-command budget, log repeats) survive STLS.
+        self.limits = limits or ConnectionLimits.from_settings(ctx.settings)
         self.state = State.AUTHORIZATION
         self.closing = False          # the connection closes once this reply is out
         self.quit = False             # the client said QUIT (a normal disconnect)
@@ -99,7 +102,7 @@ class Session:
     def handle_line(self, line: bytes) -> None:
         """Handle one command line (without its line end)."""
         if self.continuation is not None:
-            self.log.log(THREAD, "%s", masked_command("AUTH", line, sasl_response=True))
+            self._log_client(masked_command("AUTH", line, sasl_response=True))
             step, self.continuation = self.continuation, None
             self._guarded(step, line, "AUTH")
             return
@@ -108,12 +111,22 @@ class Session:
         self._log_command(verb, rest)
         method = getattr(self, "pop_" + verb, None) if verb.isalpha() else None
         if method is None:
-            self.reply(R.UNKNOWN_COMMAND)
+            self._bad_command(R.UNKNOWN_COMMAND)
             return
         if verb not in ALLOWED[self.state]:
-            self.reply(R.WRONG_STATE)
+            self._bad_command(R.WRONG_STATE)
             return
         self._guarded(method, rest, verb)
+
+    def _bad_command(self, reply: str) -> None:
+        """Answer a bad command, or close once the connection is over ``-max-bad-commands``."""
+        budget = self.limits.bad_commands
+        if not budget.spend():
+            self.reply(reply)
+            return
+        self.log.log(THREAD, "closing %s after %d bad commands", self.peer, budget.spent)
+        self.reply(R.TOO_MANY_BAD_COMMANDS)
+        self.closing = True
 
     def _guarded(self, method: Callable[[bytes], None], rest: bytes, verb: str) -> None:
         try:
@@ -132,12 +145,17 @@ class Session:
         return SASL_MAX_LINE if self.continuation is not None else MAX_LINE
 
     def line_too_long(self) -> None:
-        self.log.log(THREAD, "line too long")
-        self.reply(R.LINE_TOO_LONG)
+        self._log_client("line too long")
+        self._bad_command(R.LINE_TOO_LONG)
 
     def _log_command(self, verb: str, rest: bytes) -> None:
         # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_command).
-        self.log.log(THREAD, "%s", masked_command(verb, rest))
+        self._log_client(masked_command(verb, rest))
+
+    def _log_client(self, text: str) -> None:
+        """A THREAD line the client can make us repeat: the same text at most a few times."""
+        if self.limits.log_repeats.admit(text):
+            self.log.log(THREAD, "%s", text)
 
     def _args(self, verb: str, rest: bytes, counts: tuple[int, ...]) -> list[str] | None:
         args = rest.decode("utf-8", "replace").split()
@@ -316,6 +334,7 @@ class Session:
         self.maildrop = maildrop
         self.account_name = account.name
         self.state = State.TRANSACTION
+        self.limits.login.met()
         self.ctx.user_logged_in(self)
         self.log.log(THREAD, "user %s logged in from %s, %d messages", user, self.peer,
                      len(self.messages))
@@ -328,7 +347,8 @@ class Session:
         self.log.log(THREAD, "login failed for %s from %s (attempt %d), delay %.0fs", user,
                      self.peer, self.failures, delay)
         if delay:
-            self.ctx.sleep(delay)
+            with self.limits.login.paused():  # a penalty does not count against -login-timeout
+                self.ctx.sleep(delay)
         self.reply(reply.format(user=user))
         if self.failures >= self.ctx.settings.login_attempts:
             self.log.log(THREAD, "closing %s after %d failed logins", self.peer, self.failures)
