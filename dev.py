@@ -23,7 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
-TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl"}
+# ip and unshare: the admin client test builds a private network namespace (a non-loopback
+# address that still never leaves the machine).
+TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl",
+                        "ip": "iproute2", "unshare": "util-linux"}
 
 
 def say(text: str) -> None:
