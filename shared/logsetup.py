@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 THREAD = 15
 logging.addLevelName(THREAD, "THREAD")
@@ -44,23 +45,24 @@ def clock() -> float:
 _SECRET_VERBS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 
 
-def masked_command(verb: str, rest: bytes | str, sasl_response: bool = False,
-                   limit: int = 100) -> str:
+def masked_line(line: bytes | str, sasl_response: bool = False, limit: int = 100) -> str:
     """The text a log may show for one client command line: never a password.
 
-    ``sasl_response`` marks a line that answers an AUTH challenge: all of it is secret.
+    The verb is the first whitespace-separated word, whatever the separator (``PASS\tx``,
+    `` PASS x``): a line the server would refuse as an unknown command may still hold a
+    password. ``sasl_response`` marks a line that answers an AUTH challenge: all of it is secret.
     """
     if sasl_response:
         return MASK
-    text = rest.decode("utf-8", "backslashreplace") if isinstance(rest, bytes) else rest
-    keep = _SECRET_VERBS.get(verb.upper())
+    text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+    words = text.split()
+    keep = _SECRET_VERBS.get(words[0].upper()) if words else None
     if keep is not None:
-        words = text.split()
-        shown = words[:keep]
-        if len(words) > keep:
+        shown = words[:keep + 1]
+        if len(words) > keep + 1:
             shown.append(MASK)
         text = " ".join(shown)
-    return escaped(f"{verb} {text[:limit]}".rstrip())
+    return escaped(text[:limit].rstrip())
 
 
 def escaped(text: str) -> str:
@@ -82,11 +84,27 @@ class LineFormatter(logging.Formatter):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
         prefix = (f"{stamp}.{int(created * 1000) % 1000:03d} {record.levelname:<6} "
                   f"{self.role} {getattr(record, 'session', '-')}")
-        text = record.getMessage()
+        text = _message(record)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         # Every physical line gets the prefix, so grep by session id finds the traceback too.
         return "\n".join(f"{prefix} {line}" for line in text.splitlines() or [""])
+
+
+def _message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with every argument escaped: Maildir file names, exception texts
+    and client words can hold a newline or an escape sequence (CWE-117); the template is ours.
+    Numbers stay numbers for ``%d``."""
+    args = record.args
+    if not args:
+        return str(record.msg)
+    if isinstance(args, Mapping):
+        return str(record.msg) % {key: _safe(value) for key, value in args.items()}
+    return str(record.msg) % tuple(_safe(value) for value in args)
+
+
+def _safe(value: object) -> object:
+    return value if isinstance(value, (int, float)) else escaped(str(value))
 
 
 class LogFileHandler(logging.Handler):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from shared.logsetup import THREAD, masked_command, session_logger
+from shared.logsetup import THREAD, masked_line, session_logger
 from worker import replies as R
 from worker import rewrite, sasl
 from worker.limits import ConnectionLimits
@@ -72,6 +72,9 @@ class Session:
         self.start_tls = False                # set by STLS: the connection starts TLS next
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
+        # An AUTH naming only a mechanism was just refused: a client that sent its response
+        # without waiting for "+" gave us credentials on the next line (masked in the log).
+        self.auth_refused = False
         self.apop_timestamp = ctx.apop_timestamp() if ctx.settings.apop else ""
         self.log = session_logger(session_id)
         # The connection's limits (login deadline, bad-command budget, log repeats) survive STLS.
@@ -102,13 +105,13 @@ class Session:
     def handle_line(self, line: bytes) -> None:
         """Handle one command line (without its line end)."""
         if self.continuation is not None:
-            self._log_client(masked_command("AUTH", line, sasl_response=True))
+            self._log_client(masked_line(line, sasl_response=True))
             step, self.continuation = self.continuation, None
             self._guarded(step, line, "AUTH")
             return
+        self._log_command(line)
         verb_raw, _, rest = line.partition(b" ")
         verb = verb_raw.decode("ascii", "replace").upper()
-        self._log_command(verb, rest)
         method = getattr(self, "pop_" + verb, None) if verb.isalpha() else None
         if method is None:
             self._bad_command(R.UNKNOWN_COMMAND)
@@ -148,9 +151,16 @@ class Session:
         self._log_client("line too long")
         self._bad_command(R.LINE_TOO_LONG)
 
-    def _log_command(self, verb: str, rest: bytes) -> None:
-        # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_command).
-        self._log_client(masked_command(verb, rest))
+    def _log_command(self, line: bytes) -> None:
+        # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_line).
+        stray_response = self.auth_refused and not self._is_command(line)
+        self.auth_refused = False
+        self._log_client(masked_line(line, sasl_response=stray_response))
+
+    def _is_command(self, line: bytes) -> bool:
+        words = line.split()
+        return bool(words) and words[0].isalpha() and hasattr(
+            self, "pop_" + words[0].decode("ascii").upper())
 
     def _log_client(self, text: str) -> None:
         """A THREAD line the client can make us repeat: the same text at most a few times."""
@@ -220,6 +230,7 @@ class Session:
 
     def pop_AUTH(self, rest: bytes) -> None:
         args = rest.split()
+        self.auth_refused = len(args) == 1  # cleared when the exchange starts
         if not args:
             self.reply(R.SASL_LIST)
             for mechanism in self._mechanisms():
@@ -252,6 +263,7 @@ class Session:
 
     def _challenge(self, text: str, step: Callable[[bytes], None]) -> None:
         """Send a base64 challenge ("+ " alone for none) and wait for the client's answer."""
+        self.auth_refused = False
         self.continuation = step
         self._write(f"+ {text}\r\n".encode())
 
