@@ -1,11 +1,13 @@
 """Logging for every process: the four IUPOP3 levels, one line format, the log file.
 
-ERROR (errors only), INFO (also startup, shutdown and level changes), THREAD (the default: also
-client address, user name, the client's half of the conversation, X-POP3-IDs) and DEBUG (also
-the server's replies and per-frame details). Each line carries time, level, process role and
-session id, so one session can be followed with grep across workers. A log file is written
-through a buffer that reaches the disk within ``flush_seconds`` (ERROR lines at once), as
-IUPOP3 1.8 flushed every 3 minutes. The supervisor rotates it (supervisor/rotation.py).
+ERROR (errors only), INFO (also startup, shutdown, level changes and failed logins), THREAD
+(the default: also client address, user name, the client's half of the conversation,
+X-POP3-IDs) and DEBUG (also the server's replies and per-frame details). Each line carries
+time, level, process role and session id, so one session can be followed with grep across
+workers. A log file is written through a buffer that reaches the disk within
+``flush_seconds`` (ERROR lines, and lines logged with ``extra=FLUSH`` such as failed logins
+for fail2ban, at once), as IUPOP3 1.8 flushed every 3 minutes. The supervisor rotates it
+(supervisor/rotation.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LEVEL_CHOICES = ", ".join(LEVEL_NAMES[:-1]) + " or " + LEVEL_NAMES[-1]  # for he
 FLUSH_SECONDS = 180  # IUPOP3 1.8 flushed its log every 3 minutes; the -log_flush default
 BUFFER_BYTES = 64 * 1024
 MASK = "********"
+FLUSH = {"flush": True}  # extra= of a line that must reach the disk at once (failed logins)
 
 # Test hook, not a feature: seconds added to the wall clock that stamps log lines and decides
 # when the day ends, so a test can watch a midnight rotation without waiting for midnight.
@@ -140,7 +143,8 @@ class LogFileHandler(logging.Handler):
                 self.flush()
             self.pending.append(data)
             self.pending_bytes += len(data)
-            if record.levelno >= logging.ERROR or not self.flush_seconds:
+            if (record.levelno >= logging.ERROR or getattr(record, "flush", False)
+                    or not self.flush_seconds):
                 self.flush()
             else:
                 self.flush_if_due()
@@ -209,5 +213,14 @@ def level_name() -> str:
     return logging.getLevelName(log.getEffectiveLevel())
 
 
+class SessionLog(logging.LoggerAdapter):
+    """Stamps the session id on each line, keeping a caller's own ``extra`` (such as FLUSH):
+    before Python 3.13 the stock adapter replaces it."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **self.extra}
+        return msg, kwargs
+
+
 def session_logger(session_id: str) -> logging.LoggerAdapter:
-    return logging.LoggerAdapter(log, {"session": session_id})
+    return SessionLog(log, {"session": session_id})

@@ -63,6 +63,7 @@ class FileLoggedServer(Server):
             pytest.fail(f"no readiness message; output:\n{self.output}")
         finally:
             notify.close()
+        self.ready_message = message  # "listening on" every address, e.g. [::1]:PORT too
         match = re.search(r"STATUS=pid (\d+) listening on 127\.0\.0\.1:(\d+)", message)
         assert match and "READY=1" in message, message
         self.pid, self.port = int(match.group(1)), int(match.group(2))
