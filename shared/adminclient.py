@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import poplib
 import re
 import ssl
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shared import statsreport
+from shared.addresses import is_loopback
 from shared.logsetup import escaped
 
 DEFAULT_PORT = 110
@@ -111,15 +111,6 @@ class TlsOptions:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
-
-
-def is_loopback(address: str) -> bool:
-    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def cleartext_allowed(peer_address: str, tls: TlsOptions) -> bool:

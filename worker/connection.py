@@ -8,8 +8,6 @@ connection, the socket closed in one ``finally``.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import socket
 import ssl
 import time
@@ -17,6 +15,7 @@ import time
 from gevent import GreenletExit, Timeout
 
 from shared import keytable
+from shared.addresses import is_loopback
 from shared.handoff import Kind
 from shared.logsetup import THREAD
 from shared.stats import Counter
@@ -50,15 +49,6 @@ def peer_address(sock: socket.socket) -> str:
     except OSError:
         return ""
     return address[0] if isinstance(address, tuple) else ""
-
-
-@functools.lru_cache(maxsize=4096)  # the same few addresses come back all day
-def is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 class Connection:

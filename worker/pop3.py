@@ -7,12 +7,12 @@ says which state admits which verb.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from worker import replies as R
 from worker import rewrite, sasl
@@ -28,15 +28,6 @@ MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with 
 SASL_MAX_LINE = 4096  # RFC 5034 section 4: AUTH responses are not bound by the 255 limit
 _CHUNK = 256 * 1024  # fewer, larger sends: each send on loopback also runs the receive path
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}")
-
-
-def client_ip(address: str) -> str:
-    """The address as logged: an IPv4-mapped IPv6 address (a dual-stack listener) as IPv4."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address or "unknown"
-    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def user_name(raw: str) -> str | None:
@@ -176,9 +167,10 @@ class Session:
         """The line etc/fail2ban/filter.d/iupop3.conf matches: INFO, so it shows at the default
         level and at INFO, and written at once (``FLUSH``) so a ban need not wait for the
         buffer; the bare address (IPv4-mapped shown as IPv4) is what fail2ban's <HOST> parses."""
+        port = self.peer.rpartition(":")[2]
         self.log.info("login failed for %s from %s port %s (attempt %d), delay %.0fs",
-                      user or "-", client_ip(self.address), self.peer.rpartition(":")[2],
-                      self.failures, delay, extra=FLUSH)
+                      user or "-", normalized(self.address), port, self.failures, delay,
+                      extra=FLUSH)
 
     def _log_client(self, text: str) -> None:
         """A THREAD line the client can make us repeat: the same text at most a few times."""
