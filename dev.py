@@ -2,7 +2,7 @@
 """Set up and run iupop3 from a checkout with nothing but python3.
 
     python3 dev.py run [iupop3 options]   set up, then serve the embedded demo on port 1110
-    python3 dev.py test [pytest options]  set up (test extras, curl, fetchmail), run the suite
+    python3 dev.py test [pytest options]  set up (test extras and Debian tools), run the suite
     python3 dev.py docs                   regenerate etc/iupop3.toml and the README settings table
     python3 dev.py bench [options]        run the benchmarks in bench/ (see bench/README.md)
 
@@ -23,8 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
+# passwd: the system-account tests (useradd, chage); ip and unshare: the admin client test builds
+# a private network namespace (a non-loopback address that still never leaves the machine);
+# fail2ban-regex checks etc/fail2ban.
 TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl",
-                        "useradd": "passwd", "chage": "passwd"}  # passwd: the system-account tests
+                        "useradd": "passwd", "chage": "passwd", "ip": "iproute2",
+                        "unshare": "util-linux", "fail2ban-regex": "fail2ban"}
 
 
 def say(text: str) -> None:

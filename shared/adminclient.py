@@ -3,8 +3,10 @@
 Asks ``IUPOP3 Node(s) >``, ``Username >``, ``Password >`` and ``XTND command >`` like the 1994
 script, or takes them as positional arguments: ``iupop3-xtnd "node1 node2:1110" user password
 "loglevel debug"``. Each node's answer is printed under its name; ``stats`` over several nodes
-adds a table with a summed column. The password travels in TLS whenever the server offers STLS
-(or with --tls). Exit status: 0 all nodes said +OK, 1 some did not, 2 bad input.
+adds a table with a summed column. The password travels in TLS: STLS, or implicit TLS with
+--tls; in clear only to a loopback address, or with --plaintext (a man in the middle can strip
+STLS from CAPA). Server lines are printed with control characters escaped. Exit status: 0 all
+nodes said +OK, 1 some did not, 2 bad input or a password that would have gone in clear.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shared import statsreport
+from shared.addresses import is_loopback
+from shared.logsetup import escaped
 
 DEFAULT_PORT = 110
 MAX_COMMAND = 240  # "XTND " + command + CRLF stays under RFC 2449's 255 octets
@@ -28,6 +32,10 @@ _NODE = re.compile(r"\[(?P<v6>[^\]]+)\](?::(?P<v6port>[^:]*))?|(?P<host>[^:\s]+)
 
 class UsageError(ValueError):
     """Bad input from the user; the message is one line."""
+
+
+class CleartextRefused(Exception):
+    """The node offers no STLS and is not loopback: the password is not sent (one line)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class Answer:
     node: Node
     ok: bool
     lines: list[str] = field(default_factory=list)
+    refused: bool = False  # not run: the password would have travelled in clear
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -94,6 +103,7 @@ class TlsOptions:
     implicit: bool = False
     cafile: str | None = None  # trust this certificate (a site's own CA or self-signed cert)
     verify: bool = True
+    plaintext: bool = False  # --plaintext: send the password in clear when there is no STLS
 
     def context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.cafile)
@@ -103,8 +113,15 @@ class TlsOptions:
         return context
 
 
+def cleartext_allowed(peer_address: str, tls: TlsOptions) -> bool:
+    """The password may go in clear only where nobody can listen in between: to the address we
+    are connected to when that is loopback, or when the user said --plaintext."""
+    return tls.plaintext or is_loopback(peer_address)
+
+
 def connect(node: Node, timeout: float, tls: TlsOptions = TlsOptions()) -> poplib.POP3:
-    """Open the POP3 connection, in TLS when the server offers STLS (or with implicit TLS)."""
+    """Open the POP3 connection, in TLS when the server offers STLS (or with implicit TLS);
+    without TLS, raise CleartextRefused unless ``cleartext_allowed``."""
     if tls.implicit:
         return poplib.POP3_SSL(node.host, node.port, timeout=timeout, context=tls.context())
     client = poplib.POP3(node.host, node.port, timeout=timeout)
@@ -121,6 +138,12 @@ def connect(node: Node, timeout: float, tls: TlsOptions = TlsOptions()) -> popli
             except OSError:
                 pass  # the failed handshake may have closed the socket already
             raise
+        return client
+    peer = client.sock.getpeername()[0]  # the address really connected, not the name given
+    if not cleartext_allowed(peer, tls):
+        client.close()
+        raise CleartextRefused(f"{node.name} ({peer}) offers no STLS and is not loopback: "
+                               "the password is not sent in clear (--plaintext sends it)")
     return client
 
 
@@ -130,6 +153,8 @@ def run_on(node: Node, user: str, password: str, command: str, timeout: float,
     multiline = command.split()[0].lower() == "stats"
     try:
         client = connect(node, timeout, tls)
+    except CleartextRefused as exc:
+        return Answer(node, False, [str(exc)], refused=True)
     except ssl.SSLError as exc:
         return Answer(node, False, [f"TLS failed: {exc.reason or exc} "
                                     "(--cafile FILE trusts a site certificate)"])
@@ -202,6 +227,8 @@ def stats_table(answers: list[Answer]) -> list[str]:
 
 
 def report(answers: list[Answer], command: str) -> list[str]:
+    """The lines to print; a server's control characters come out escaped (``\\x1b``), so its
+    answer cannot drive the terminal or forge lines of another node's."""
     out: list[str] = []
     for answer in answers:
         out.append(f"== {answer.node.name} ==")
@@ -210,7 +237,7 @@ def report(answers: list[Answer], command: str) -> list[str]:
     if command.split()[0].lower() == "stats" and len(reports) > 1:
         out.append(f"== {len(reports)} nodes ==")
         out.extend(stats_table(reports))
-    return out
+    return [escaped(line) for line in out]
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -239,6 +266,10 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cafile", help="trust the certificates in this PEM file")
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify the server's certificate")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="send the password in clear to a server that offers no STLS even "
+                             "when it is not on this host (by default only to a loopback "
+                             "address)")
     return parser.parse_args(argv)
 
 
@@ -266,9 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if not (args.nodes and args.command) and not sys.stdin.isatty():
         print()  # the prompts echoed no line end: start the answers on a line of their own
-    tls = TlsOptions(args.tls, args.cafile, not args.insecure)
+    tls = TlsOptions(args.tls, args.cafile, not args.insecure, args.plaintext)
     answers = [run_on(node, user, password, command, args.timeout, tls) for node in nodes]
     print("\n".join(report(answers, command)), flush=True)
+    for answer in answers:
+        if answer.refused:
+            print(f"iupop3-xtnd: {escaped(answer.lines[0])}", file=sys.stderr)
+    if any(a.refused for a in answers):
+        return 2
     return 0 if all(a.ok for a in answers) else 1
 
 

@@ -1,11 +1,13 @@
 """Logging for every process: the four IUPOP3 levels, one line format, the log file.
 
-ERROR (errors only), INFO (also startup, shutdown and level changes), THREAD (the default: also
-client address, user name, the client's half of the conversation, X-POP3-IDs) and DEBUG (also
-the server's replies and per-frame details). Each line carries time, level, process role and
-session id, so one session can be followed with grep across workers. A log file is written
-through a buffer that reaches the disk within ``flush_seconds`` (ERROR lines at once), as
-IUPOP3 1.8 flushed every 3 minutes. The supervisor rotates it (supervisor/rotation.py).
+ERROR (errors only), INFO (also startup, shutdown, level changes and failed logins), THREAD
+(the default: also client address, user name, the client's half of the conversation,
+X-POP3-IDs) and DEBUG (also the server's replies and per-frame details). Each line carries
+time, level, process role and session id, so one session can be followed with grep across
+workers. A log file is written through a buffer that reaches the disk within
+``flush_seconds`` (ERROR lines, and lines logged with ``extra=FLUSH`` such as failed logins
+for fail2ban, at once), as IUPOP3 1.8 flushed every 3 minutes. The supervisor rotates it
+(supervisor/rotation.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 THREAD = 15
 logging.addLevelName(THREAD, "THREAD")
@@ -25,6 +28,7 @@ LEVEL_CHOICES = ", ".join(LEVEL_NAMES[:-1]) + " or " + LEVEL_NAMES[-1]  # for he
 FLUSH_SECONDS = 180  # IUPOP3 1.8 flushed its log every 3 minutes; the -log_flush default
 BUFFER_BYTES = 64 * 1024
 MASK = "********"
+FLUSH = {"flush": True}  # extra= of a line that must reach the disk at once (failed logins)
 
 # Test hook, not a feature: seconds added to the wall clock that stamps log lines and decides
 # when the day ends, so a test can watch a midnight rotation without waiting for midnight.
@@ -44,23 +48,24 @@ def clock() -> float:
 _SECRET_VERBS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 
 
-def masked_command(verb: str, rest: bytes | str, sasl_response: bool = False,
-                   limit: int = 100) -> str:
+def masked_line(line: bytes | str, sasl_response: bool = False, limit: int = 100) -> str:
     """The text a log may show for one client command line: never a password.
 
-    ``sasl_response`` marks a line that answers an AUTH challenge: all of it is secret.
+    The verb is the first whitespace-separated word, whatever the separator (``PASS\tx``,
+    `` PASS x``): a line the server would refuse as an unknown command may still hold a
+    password. ``sasl_response`` marks a line that answers an AUTH challenge: all of it is secret.
     """
     if sasl_response:
         return MASK
-    text = rest.decode("utf-8", "backslashreplace") if isinstance(rest, bytes) else rest
-    keep = _SECRET_VERBS.get(verb.upper())
+    text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+    words = text.split()
+    keep = _SECRET_VERBS.get(words[0].upper()) if words else None
     if keep is not None:
-        words = text.split()
-        shown = words[:keep]
-        if len(words) > keep:
+        shown = words[:keep + 1]
+        if len(words) > keep + 1:
             shown.append(MASK)
         text = " ".join(shown)
-    return escaped(f"{verb} {text[:limit]}".rstrip())
+    return escaped(text[:limit].rstrip())
 
 
 def escaped(text: str) -> str:
@@ -82,11 +87,27 @@ class LineFormatter(logging.Formatter):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
         prefix = (f"{stamp}.{int(created * 1000) % 1000:03d} {record.levelname:<6} "
                   f"{self.role} {getattr(record, 'session', '-')}")
-        text = record.getMessage()
+        text = _message(record)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         # Every physical line gets the prefix, so grep by session id finds the traceback too.
         return "\n".join(f"{prefix} {line}" for line in text.splitlines() or [""])
+
+
+def _message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with every argument escaped: Maildir file names, exception texts
+    and client words can hold a newline or an escape sequence (CWE-117); the template is ours.
+    Numbers stay numbers for ``%d``."""
+    args = record.args
+    if not args:
+        return str(record.msg)
+    if isinstance(args, Mapping):
+        return str(record.msg) % {key: _safe(value) for key, value in args.items()}
+    return str(record.msg) % tuple(_safe(value) for value in args)
+
+
+def _safe(value: object) -> object:
+    return value if isinstance(value, (int, float)) else escaped(str(value))
 
 
 class LogFileHandler(logging.Handler):
@@ -122,7 +143,8 @@ class LogFileHandler(logging.Handler):
                 self.flush()
             self.pending.append(data)
             self.pending_bytes += len(data)
-            if record.levelno >= logging.ERROR or not self.flush_seconds:
+            if (record.levelno >= logging.ERROR or getattr(record, "flush", False)
+                    or not self.flush_seconds):
                 self.flush()
             else:
                 self.flush_if_due()
@@ -191,5 +213,14 @@ def level_name() -> str:
     return logging.getLevelName(log.getEffectiveLevel())
 
 
+class SessionLog(logging.LoggerAdapter):
+    """Stamps the session id on each line, keeping a caller's own ``extra`` (such as FLUSH):
+    before Python 3.13 the stock adapter replaces it."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **self.extra}
+        return msg, kwargs
+
+
 def session_logger(session_id: str) -> logging.LoggerAdapter:
-    return logging.LoggerAdapter(log, {"session": session_id})
+    return SessionLog(log, {"session": session_id})

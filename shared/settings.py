@@ -160,6 +160,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeout", "int", 120,
             "seconds without a complete command line before the server hangs up",
             minimum=1),
+    Setting("login_timeout", "int", 60,
+            "seconds from connect to a successful login before the server hangs up (time "
+            "spent in a failed-login penalty does not count)", minimum=1, flag="login-timeout"),
+    Setting("max_bad_commands", "int", 10,
+            "unknown commands, commands in the wrong state and over-long lines a connection "
+            "may send; the next one is answered -ERR and the connection closed", minimum=0,
+            flag="max-bad-commands"),
     Setting("grace", "int", 30,
             "seconds sessions get to finish on SIGTERM before they are closed unapplied",
             minimum=0),

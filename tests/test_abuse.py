@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import poplib
+import re
 import time
 
 import pytest
@@ -124,3 +125,85 @@ def test_unknown_user_checked_against_a_hash_of_the_same_cost(start_server, tmp_
     unknown = sorted(_fail_login(server, "nobody")[1] for _ in range(count))
     median_known, median_unknown = known[count // 2], unknown[count // 2]
     assert 0.25 < median_unknown / median_known < 4, (known, unknown)
+
+
+# -- pre-login limits (issue 10: pre-login slots can be held forever) ------------------------------
+def _answer(raw, until: bytes = b".") -> list[bytes]:
+    """Lines up to ``until`` (a multi-line answer) or a connection-closing -ERR."""
+    lines = []
+    while (line := raw.line()) != until:
+        lines.append(line)
+        if line.startswith(b"-ERR"):
+            break
+    return lines
+
+
+def test_login_deadline_cuts_a_client_that_keeps_talking(start_server):
+    """A client that sends CAPA every half second (each line resets the idle timer) is cut at
+    -login-timeout from connect with its own -ERR; a client that logs in in time is not."""
+    import select
+
+    server = start_server("-login-timeout", "3", "-timeout", "60")
+    raw = server.raw(timeout=30)
+    raw.line()
+    connected = time.monotonic()
+    answered = 0
+    cut = False
+    for _ in range(60):  # at most 30 s; the cut comes after 3
+        if select.select([raw.sock], [], [], 0.5)[0]:  # the server spoke unasked: the cut
+            assert raw.line() == R.LOGIN_TIMEOUT.format(seconds=3).encode()
+            cut = True
+            break
+        raw.send(b"CAPA\r\n")
+        answer = _answer(raw)
+        if answer[0] == R.LOGIN_TIMEOUT.format(seconds=3).encode():
+            cut = True  # it raced our CAPA
+            break
+        assert answer[0] == R.CAPA.encode()
+        answered += 1
+    elapsed = time.monotonic() - connected
+    assert cut and raw.closed()
+    assert answered >= 2 and elapsed >= 2.9, (answered, elapsed)
+    server.wait_for(r"no login within 3s of connect")
+    client = server.login()  # a prompt login is untouched by the deadline
+    assert client.stat()[0] == 3
+    client.quit()
+    print(f"\nCAPA client: {answered} CAPAs answered, cut after {elapsed:.1f}s (-login-timeout 3)")
+
+
+def test_login_deadline_paused_during_a_failed_login_penalty(start_server):
+    """The penalty a failed login waits does not count against -login-timeout: after a 4 s
+    penalty a client with a 3 s deadline can still log in."""
+    server = start_server("-login-timeout", "3", "-auth-delay", "4", "-auth-delay-max", "4",
+                          "-auth-block", "0")
+    raw = server.raw(timeout=30)
+    raw.line()
+    raw.command("USER alice")
+    assert raw.command("PASS wrong") == R.NOT_ACCESSIBLE.format(user="alice").encode()
+    assert raw.command("USER alice") == R.PASSWORD_REQUIRED.format(user="alice").encode()
+    assert raw.command(f"PASS {USERS['alice']}") == R.LOGIN_OK.encode()
+    assert raw.command("STAT").startswith(b"+OK 3 ")
+    raw.command("QUIT")
+    raw.close()
+
+
+def test_eleventh_bad_command_closes(start_server):
+    """Unknown commands and commands in the wrong state count; with -max-bad-commands 10 the
+    11th is answered with -ERR and the connection closed; a repeated line is logged 3 times."""
+    server = start_server()
+    raw = server.raw()
+    raw.line()
+    port = raw.local_port
+    for n in range(10):
+        command, expected = ("STAT", R.WRONG_STATE) if n % 2 else ("FOO", R.UNKNOWN_COMMAND)
+        assert raw.command(command) == expected.encode(), n
+    assert raw.command("FOO") == R.TOO_MANY_BAD_COMMANDS.encode()
+    assert raw.closed()
+    slot = server.worker_of(port)
+    match = server.wait_for(rf"worker-{slot} (\S+) connect from 127\.0\.0\.1:{port}\b")
+    session = match.group(1)
+    server.wait_for(rf"{re.escape(session)} closing .* after 11 bad commands")
+    server.wait_for(rf"{re.escape(session)} 5 repeated log lines were not written")
+    foo_lines = [line for line in server.output.splitlines()
+                 if f" {session} " in line and line.endswith(" FOO")]
+    assert len(foo_lines) == 3, foo_lines

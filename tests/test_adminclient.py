@@ -257,3 +257,81 @@ def test_admin_client_uses_stls_and_implicit_tls(start_server, tmp_path):
     untrusted = subprocess.run([*CLIENT, f"127.0.0.1:{server.port}", "alice", USERS["alice"],
                                 "stats"], env=ENV, capture_output=True, text=True, timeout=60)
     assert untrusted.returncode == 1 and "TLS failed" in untrusted.stdout
+
+
+# -- no password in clear to a stripped server (issue 10) --------------------------------------
+@pytest.mark.parametrize("address, plaintext, allowed", [
+    ("127.0.0.1", False, True), ("127.3.4.5", False, True), ("::1", False, True),
+    ("::ffff:127.0.0.1", False, True), ("192.0.2.1", False, False),
+    ("2001:db8::1", False, False), ("::ffff:192.0.2.1", False, False),
+    ("fe80::1%eth0", False, False), ("192.0.2.1", True, True),
+])
+def test_cleartext_decision_by_connected_address(address, plaintext, allowed):
+    """In clear only to a loopback peer (mapped IPv4 too) unless --plaintext."""
+    tls = adminclient.TlsOptions(plaintext=plaintext)
+    assert adminclient.cleartext_allowed(address, tls) is allowed
+
+
+_NAMESPACE_DRIVER = r"""
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from fakepop import FakePop
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"], check=True)
+subprocess.run(["ip", "-6", "addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"], check=True)
+client = json.loads(sys.argv[2])
+out = []
+for host, node in (("192.0.2.1", "192.0.2.1:{port}"), ("2001:db8::1", "[2001:db8::1]:{port}")):
+    fake = FakePop(host)
+    for extra in ([], ["--plaintext"]):
+        before = len(fake.received)
+        run = subprocess.run([*client, *extra, node.format(port=fake.port), "alice", "s3cret!",
+                              "client hello"], capture_output=True, text=True, timeout=60)
+        out.append(dict(node=host, extra=extra, rc=run.returncode, stdout=run.stdout,
+                        stderr=run.stderr,
+                        received=[l.decode() for l in fake.received[before:]]))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private network namespace (unshare -n) needs root")
+def test_no_password_in_clear_to_a_non_loopback_server_without_stls(tmp_path):
+    """A listener that offers no STLS (as after a man in the middle stripped it) on 192.0.2.1
+    and 2001:db8::1: the client refuses with one line and exit 2, sending neither USER nor PASS;
+    with --plaintext it logs in. Both addresses live on the loopback device of a private network
+    namespace made for this test, so nothing leaves the machine, yet they are not loopback
+    addresses and the client (which judges the address it is connected to) treats them so."""
+    import json
+
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -n is not permitted here: {probe.stderr.strip()}")
+    client = [sys.executable, "-m", "shared.adminclient"]
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", _NAMESPACE_DRIVER,
+                          str(ROOT / "tests"), json.dumps(client)], env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for result in json.loads(run.stdout):
+        if not result["extra"]:
+            assert result["rc"] == 2, result
+            assert result["stderr"].count("\n") == 1, result
+            assert "offers no STLS and is not loopback" in result["stderr"], result
+            assert result["received"] == ["CAPA"], result  # hung up before USER and PASS
+        else:
+            assert result["rc"] == 0, result
+            assert "PASS s3cret!" in result["received"], result
+            assert "XTND client hello" in result["received"], result
+
+
+def test_loopback_server_without_stls_gets_the_password_and_its_lines_are_escaped():
+    """To a loopback listener without STLS the password goes in clear (nobody is in between);
+    control characters in its answer are printed escaped, never passed to the terminal."""
+    from fakepop import FakePop
+
+    fake = FakePop("127.0.0.1", xtnd_reply=b"+OK \x1b[2J\x1b]0;owned\x07 done\r== forged ==")
+    result = subprocess.run([*CLIENT, f"127.0.0.1:{fake.port}", "alice", "pw", "client x"],
+                            env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS pw" in [line.decode() for line in fake.received]
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout and "\r" not in result.stdout
+    assert "+OK \\x1b[2J\\x1b]0;owned\\x07 done\\r== forged ==" in result.stdout.splitlines()

@@ -44,7 +44,9 @@ def _line(reply: str) -> bytes:
 def test_random_bytes(start_server):
     """Random octets with random line ends: one -ERR per line, and the session and the worker
     carry on."""
-    server = start_server("-loglevel", "THREAD")
+    # Every garbage line is a bad command: the budget is lifted so each one is answered
+    # (tests/test_abuse.py pins the default budget of 10).
+    server = start_server("-loglevel", "THREAD", "-max-bad-commands", "100000")
     rng = random.Random(5)
     connections = lines_sent = 0
     for _ in range(30):
@@ -242,7 +244,15 @@ class Model:
     seen: list[str] = field(default_factory=list)
     deleted: set[int] = field(default_factory=set)
     failures: int = 0
+    bad_commands: int = 0                  # unknown, wrong state, too long: -max-bad-commands
     logins: int = 0                        # sessions that reached TRANSACTION, for the figures
+
+    def _bad(self, reply: str) -> Expect:
+        self.bad_commands += 1
+        if self.bad_commands > 10:  # the default -max-bad-commands: the server closes
+            self.connected = False
+            return Expect(_line(R.TOO_MANY_BAD_COMMANDS))
+        return Expect(_line(reply))
 
     def _fail(self, reply: str) -> Expect:
         self.failures += 1
@@ -269,17 +279,17 @@ class Model:
         if not self.connected:
             return None
         if len(line) + 2 > MAX_LINE:
-            return Expect(_line(R.LINE_TOO_LONG))
+            return self._bad(R.LINE_TOO_LONG)
         verb_raw, _, rest_raw = line.partition(b" ")
         verb = verb_raw.decode("ascii", "replace").upper()
         rest = rest_raw.decode("utf-8", "replace")
         args = rest.split()
         if not (verb.isalpha() and verb in verbs()):
-            return Expect(_line(R.UNKNOWN_COMMAND))
+            return self._bad(R.UNKNOWN_COMMAND)
         trans = self.account is not None
         allowed_auth = {"USER", "PASS", "APOP", "AUTH", "QUIT", "CAPA", "STLS"}
         if (verb in allowed_auth) == trans and verb not in ("QUIT", "CAPA"):
-            return Expect(_line(R.WRONG_STATE))
+            return self._bad(R.WRONG_STATE)
         if verb == "QUIT":
             if trans:
                 gone = {self.seen[i] for i in self.deleted}
@@ -376,6 +386,7 @@ class LiveServer(RuleBasedStateMachine):
         self.model.connected = True
         self.model.user = self.model.account = None
         self.model.failures = 0
+        self.model.bad_commands = 0
 
     @precondition(lambda self: not self.model.connected)
     @rule()

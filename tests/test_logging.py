@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, USERS, Server, sample, write_message
 from processes import all_pids, stat, wait_until
 from shared import logsetup
+from worker import replies as R
 from supervisor.rotation import MidnightRotation
 
 _LEVEL_FIELD = "|".join(f"{name:<6}" for name in logsetup.LEVEL_NAMES)  # padded as logged
@@ -62,6 +63,7 @@ class FileLoggedServer(Server):
             pytest.fail(f"no readiness message; output:\n{self.output}")
         finally:
             notify.close()
+        self.ready_message = message  # "listening on" every address, e.g. [::1]:PORT too
         match = re.search(r"STATUS=pid (\d+) listening on 127\.0\.0\.1:(\d+)", message)
         assert match and "READY=1" in message, message
         self.pid, self.port = int(match.group(1)), int(match.group(2))
@@ -115,25 +117,46 @@ def _worker_titles(supervisor_pid: int) -> dict[int, str]:
 
 
 # -- pure logic ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("verb, rest, shown", [
-    ("PASS", b"wonder land", "PASS ********"),
-    ("pass", b"x", "pass ********"),
-    ("PASS", b"", "PASS"),
-    ("APOP", b"carol c4a0d0f2e8b6a4c2", "APOP carol ********"),
-    ("AUTH", b"PLAIN AGNhcm9sAGM0cjBs", "AUTH PLAIN ********"),
-    ("AUTH", b"PLAIN", "AUTH PLAIN"),
-    ("USER", b"alice", "USER alice"),
-    ("RETR", b"1", "RETR 1"),
+@pytest.mark.parametrize("line, shown", [
+    (b"PASS wonder land", "PASS ********"),
+    (b"pass x", "pass ********"),
+    (b"PASS", "PASS"),
+    (b"PASS\tHunter2", "PASS ********"),       # any whitespace ends the verb (issue 10)
+    (b" PASS x", "PASS ********"),             # so does leading whitespace
+    (b"PASS\x0bHunter2 two", "PASS ********"),
+    (b"APOP carol c4a0d0f2e8b6a4c2", "APOP carol ********"),
+    (b"AUTH PLAIN AGNhcm9sAGM0cjBs", "AUTH PLAIN ********"),
+    (b"AUTH\tPLAIN\tAGNhcm9sAGM0cjBs", "AUTH PLAIN ********"),
+    (b"AUTH PLAIN", "AUTH PLAIN"),
+    (b"USER alice", "USER alice"),
+    (b"RETR 1", "RETR 1"),
+    (b"NOOP\x1b[2J", "NOOP\\x1b[2J"),
 ])
-def test_masked_command_hides_secrets(verb, rest, shown):
-    """PASS, APOP and AUTH lines keep their verb (and user or mechanism), never the secret."""
-    assert logsetup.masked_command(verb, rest) == shown
+def test_masked_line_hides_secrets(line, shown):
+    """PASS, APOP and AUTH lines keep their verb (and user or mechanism), never the secret,
+    whatever whitespace separates the words."""
+    assert logsetup.masked_line(line) == shown
 
 
 def test_masked_sasl_response_and_length_limit():
     """A line answering an AUTH challenge is all secret; other lines are cut at 100 characters."""
-    assert logsetup.masked_command("AGNhcm9sAGM0cjBs", b"", sasl_response=True) == "********"
-    assert logsetup.masked_command("NOOP", b"x" * 300) == "NOOP " + "x" * 100
+    assert logsetup.masked_line(b"AGNhcm9sAGM0cjBs", sasl_response=True) == "********"
+    assert logsetup.masked_line(b"NOOP " + b"x" * 300) == "NOOP " + "x" * 95
+
+
+def test_formatter_escapes_every_argument():
+    """A file name (or any text) passed as an argument cannot start a line of its own or carry
+    an escape sequence; numbers still format with %d."""
+    formatter = logsetup.LineFormatter("worker-1")
+    name = "1700000009.M9.x\n2030-01-01 00:00:00.000 ERROR  supervisor - forged\x1b[2J"
+    record = logging.LogRecord("iupop3", logsetup.THREAD, __file__, 1, "RETR %d uid %s: %s",
+                               (3, name, OSError(f"bad\r{name}")), None)
+    record.session = "w1.2"
+    text = formatter.format(record)
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text
+    assert text.endswith("RETR 3 uid 1700000009.M9.x\\n2030-01-01 00:00:00.000 ERROR  "
+                         "supervisor - forged\\x1b[2J: bad\\r1700000009.M9.x\\n2030-01-01 "
+                         "00:00:00.000 ERROR  supervisor - forged\\x1b[2J")
 
 
 def test_formatter_prefixes_every_line_of_a_traceback():
@@ -289,6 +312,52 @@ def test_no_password_in_any_log_at_debug(logged_server):
     assert "PASS ********" in text and "APOP carol ********" in text
     assert "AUTH PLAIN ********" in text
     assert re.search(r" DEBUG  worker-\d w\d+\.\d+ S: \+OK", text)  # DEBUG is verbose indeed
+
+
+def test_no_password_in_the_log_however_the_line_is_spaced(logged_server):
+    """Tab- or space-led PASS lines and every line of an AUTH exchange (challenge answers, and a
+    response sent without waiting for "+") are masked at DEBUG; the server's refusals stand."""
+    server = logged_server("-loglevel", "DEBUG", "-log_flush", "0", "-max-bad-commands", "50")
+    plain = base64.b64encode(b"\0carol\0" + USERS["carol"].encode()).decode()
+    secrets = ["Hunter2", "hunter3", "Tabbed4", USERS["alice"], USERS["carol"], plain,
+               base64.b64encode(USERS["alice"].encode()).decode()]
+    raw = server.raw()
+    raw.line()
+    assert raw.command("USER alice").startswith(b"+OK")
+    assert raw.command("PASS\tHunter2") == R.UNKNOWN_COMMAND.encode()
+    assert raw.command(" PASS hunter3") == R.UNKNOWN_COMMAND.encode()
+    assert raw.command("AUTH\tPLAIN\tTabbed4") == R.UNKNOWN_COMMAND.encode()
+    assert raw.command("AUTH XOAUTH9") == R.SASL_UNKNOWN.encode()
+    assert raw.command(plain) == R.UNKNOWN_COMMAND.encode()  # a response sent blind
+    assert raw.command("AUTH LOGIN").startswith(b"+ ")
+    assert raw.command(base64.b64encode(b"alice").decode()).startswith(b"+ ")
+    assert raw.command(base64.b64encode(USERS["alice"].encode()).decode()) == R.LOGIN_OK.encode()
+    raw.command("QUIT")
+    raw.close()
+    server.stop_cleanly()
+    text = "\n".join(server.log_lines()) + "\n" + server.output
+    for secret in secrets:  # in any case: the old log upper-cased "PASS\tHunter2" as a verb
+        assert secret.lower() not in text.lower(), secret
+    assert text.count("PASS ********") == 2 and "AUTH PLAIN ********" in text
+    assert text.count(" ********") >= 5  # the blind response and both challenge answers
+
+
+def test_maildir_file_name_with_a_newline_is_escaped_in_the_log(logged_server):
+    """A message file whose name holds a newline and an escape sequence (a local user can make
+    one) forges no log line: its UIDL is a digest, and any text that reaches a log line as an
+    argument is escaped by the formatter (test_formatter_escapes_every_argument)."""
+    server = logged_server("-loglevel", "THREAD", "-log_flush", "0")
+    forged = "2030-01-01 00:00:00.000 ERROR  supervisor - forged"
+    write_message(server.maildir("alice"), f"1700000010.M10.evil\n{forged}\x1b[2J", sample(10))
+    client = server.login("alice")
+    count = client.stat()[0]
+    client.retr(count)  # the newest: the evil one
+    client.quit()
+    server.stop_cleanly()
+    lines = server.log_lines()
+    assert not any(line.startswith(forged[:10]) for line in lines)
+    assert not any("\x1b" in line for line in lines)
+    assert any(re.search(rf"RETR {count} uid H[0-9a-f]{{40}}, ", line) for line in lines), lines
 
 
 def test_error_lines_go_out_at_once_others_wait_for_the_interval(logged_server):

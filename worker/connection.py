@@ -1,28 +1,33 @@
 """One client connection in a worker: read lines, feed the session, write its replies.
 
-Owns the abuse limits of the read loop (line length, idle timeout) and the session's
+Owns the abuse limits of the read loop (line length, idle timeout, login deadline; the others
+live in worker/limits.py and are shared with the session) and the session's
 end-of-life bookkeeping: exactly one of Normal/Abnormal Disconnects or Client Timeouts per
 connection, the socket closed in one ``finally``.
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import socket
 import ssl
 import time
 
 from gevent import GreenletExit, Timeout
 
+from shared.addresses import is_loopback
 from shared.handoff import Kind
 from shared.logsetup import THREAD
 from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
+from worker.limits import ConnectionLimits
 from worker.pop3 import ConnectionLost, Session
 
 _READ_SIZE = 4096
+
+
+class LoginTimeout(TimeoutError):
+    """No successful login within -login-timeout of the connect."""
 
 
 def peer_name(sock: socket.socket) -> str:
@@ -45,15 +50,6 @@ def peer_address(sock: socket.socket) -> str:
     return address[0] if isinstance(address, tuple) else ""
 
 
-@functools.lru_cache(maxsize=4096)  # the same few addresses come back all day
-def is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
-
-
 class Connection:
     def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str,
                  implicit_tls: bool = False):
@@ -69,12 +65,13 @@ class Connection:
         self.peer = peer_name(sock)
         self.address = peer_address(sock)
         self.local = is_loopback(self.address)
+        self.limits = ConnectionLimits.from_settings(ctx.settings)
         self.session = self._new_session(secure=False)
 
     def _new_session(self, secure: bool) -> Session:
         return Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
                        tls_available=self.ctx.tls.context is not None, local=self.local,
-                       address=self.address)
+                       address=self.address, limits=self.limits)
 
     def _start_tls(self) -> None:
         """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
@@ -122,6 +119,11 @@ class Connection:
             session = self.session
             if session.closing:
                 outcome = Counter.NORMAL
+        except LoginTimeout:
+            outcome = Counter.TIMEOUTS
+            session = self.session
+            session.log.log(THREAD, "no login within %ds of connect", ctx.settings.login_timeout)
+            self._try_send(R.LOGIN_TIMEOUT.format(seconds=ctx.settings.login_timeout))
         except TimeoutError:
             outcome = Counter.TIMEOUTS
             session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
@@ -138,6 +140,9 @@ class Connection:
         finally:
             session = self.session
             session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
+            if self.limits.log_repeats.suppressed:
+                session.log.log(THREAD, "%d repeated log lines were not written",
+                                self.limits.log_repeats.suppressed)
             ctx.stats.count(outcome)
             ctx.stats.count(Counter.CURRENT, -1)
             if ctx.settings.max_per_address:
@@ -153,12 +158,13 @@ class Connection:
         timeout = self.ctx.settings.timeout
         deadline = time.monotonic() + timeout
         while not session.closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no complete command line")
-            self.sock.settimeout(left)
-            data = self.sock.recv(_READ_SIZE)
-            self.sock.settimeout(timeout)  # replies get the whole timeout to go out
+            self.sock.settimeout(self._wait(deadline))
+            try:
+                data = self.sock.recv(_READ_SIZE)
+            except TimeoutError:
+                continue  # the next _wait raises for the deadline that passed
+            finally:
+                self.sock.settimeout(timeout)  # replies get the whole timeout to go out
             if not data:
                 return
             buffer += data
@@ -186,6 +192,19 @@ class Connection:
                     buffer = b""  # pipelined after STLS: thrown away (RFC 2595, CVE-2011-0411)
                     self._start_tls()
                     session = self.session
+
+    def _wait(self, idle_deadline: float) -> float:
+        """Seconds the next read may wait: to the idle deadline or, before a successful login,
+        the login deadline if sooner (each line resets the first, never the second)."""
+        idle_left = idle_deadline - time.monotonic()
+        login_left = self.limits.login.left()
+        if login_left is not None and login_left < idle_left:
+            if login_left <= 0:
+                raise LoginTimeout("no login in time")
+            return login_left
+        if idle_left <= 0:
+            raise TimeoutError("no complete command line")
+        return idle_left
 
     def _try_send(self, line: str) -> None:
         try:

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from enum import Enum
 
-from shared.logsetup import THREAD, masked_command, session_logger
+from shared.addresses import normalized
+from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from shared.users import Account, user_name
 from worker import replies as R
 from worker import rewrite, sasl, store
-from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.authguard import Outcome
 from worker.context import ServerContext
+from worker.limits import ConnectionLimits
+from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
@@ -51,7 +53,7 @@ class Session:
 
     def __init__(self, ctx: ServerContext, write: Callable[[bytes], None], peer: str,
                  session_id: str, *, secure: bool = False, tls_available: bool = False,
-                 local: bool = True, address: str = ""):
+                 local: bool = True, address: str = "", limits: ConnectionLimits | None = None):
         self.ctx = ctx
         self._write = write
         self.peer = peer
@@ -62,8 +64,13 @@ class Session:
         self.start_tls = False                # set by STLS: the connection starts TLS next
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
+        # An AUTH naming only a mechanism was just refused: a client that sent its response
+        # without waiting for "+" gave us credentials on the next line (masked in the log).
+        self.auth_refused = False
         self.apop_timestamp = ctx.accounts.apop_timestamp() if ctx.settings.apop else ""
         self.log = session_logger(session_id)
+        # The connection's limits (login deadline, bad-command budget, log repeats) survive STLS.
+        self.limits = limits or ConnectionLimits.from_settings(ctx.settings)
         self.state = State.AUTHORIZATION
         self.closing = False          # the connection closes once this reply is out
         self.quit = False             # the client said QUIT (a normal disconnect)
@@ -90,21 +97,31 @@ class Session:
     def handle_line(self, line: bytes) -> None:
         """Handle one command line (without its line end)."""
         if self.continuation is not None:
-            self.log.log(THREAD, "%s", masked_command("AUTH", line, sasl_response=True))
+            self._log_client(masked_line(line, sasl_response=True))
             step, self.continuation = self.continuation, None
             self._guarded(step, line, "AUTH")
             return
+        self._log_command(line)
         verb_raw, _, rest = line.partition(b" ")
         verb = verb_raw.decode("ascii", "replace").upper()
-        self._log_command(verb, rest)
         method = getattr(self, "pop_" + verb, None) if verb.isalpha() else None
         if method is None:
-            self.reply(R.UNKNOWN_COMMAND)
+            self._bad_command(R.UNKNOWN_COMMAND)
             return
         if verb not in ALLOWED[self.state]:
-            self.reply(R.WRONG_STATE)
+            self._bad_command(R.WRONG_STATE)
             return
         self._guarded(method, rest, verb)
+
+    def _bad_command(self, reply: str) -> None:
+        """Answer a bad command, or close once the connection is over ``-max-bad-commands``."""
+        budget = self.limits.bad_commands
+        if not budget.spend():
+            self.reply(reply)
+            return
+        self.log.log(THREAD, "closing %s after %d bad commands", self.peer, budget.spent)
+        self.reply(R.TOO_MANY_BAD_COMMANDS)
+        self.closing = True
 
     def _guarded(self, method: Callable[[bytes], None], rest: bytes, verb: str) -> None:
         try:
@@ -123,12 +140,33 @@ class Session:
         return SASL_MAX_LINE if self.continuation is not None else MAX_LINE
 
     def line_too_long(self) -> None:
-        self.log.log(THREAD, "line too long")
-        self.reply(R.LINE_TOO_LONG)
+        self._log_client("line too long")
+        self._bad_command(R.LINE_TOO_LONG)
 
-    def _log_command(self, verb: str, rest: bytes) -> None:
-        # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_command).
-        self.log.log(THREAD, "%s", masked_command(verb, rest))
+    def _log_command(self, line: bytes) -> None:
+        # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_line).
+        stray_response = self.auth_refused and not self._is_command(line)
+        self.auth_refused = False
+        self._log_client(masked_line(line, sasl_response=stray_response))
+
+    def _is_command(self, line: bytes) -> bool:
+        words = line.split()
+        return bool(words) and words[0].isalpha() and hasattr(
+            self, "pop_" + words[0].decode("ascii").upper())
+
+    def log_failed_login(self, user: str, delay: float, note: str = "") -> None:
+        """The line etc/fail2ban/filter.d/iupop3.conf matches: INFO, so it shows at the default
+        level and at INFO, and written at once (``FLUSH``) so a ban need not wait for the
+        buffer; the bare address (IPv4-mapped shown as IPv4) is what fail2ban's <HOST> parses."""
+        port = self.peer.rpartition(":")[2]
+        self.log.info("login failed for %s from %s port %s (attempt %d), %sdelay %.0fs",
+                      user or "-", normalized(self.address), port, self.failures, note, delay,
+                      extra=FLUSH)
+
+    def _log_client(self, text: str) -> None:
+        """A THREAD line the client can make us repeat: the same text at most a few times."""
+        if self.limits.log_repeats.admit(text):
+            self.log.log(THREAD, "%s", text)
 
     def _args(self, verb: str, rest: bytes, counts: tuple[int, ...]) -> list[str] | None:
         args = rest.decode("utf-8", "replace").split()
@@ -197,6 +235,7 @@ class Session:
 
     def pop_AUTH(self, rest: bytes) -> None:
         args = rest.split()
+        self.auth_refused = len(args) == 1  # cleared when the exchange starts
         if not args:
             self.reply(R.SASL_LIST)
             for mechanism in self._mechanisms():
@@ -229,6 +268,7 @@ class Session:
 
     def _challenge(self, text: str, step: Callable[[bytes], None]) -> None:
         """Send a base64 challenge ("+ " alone for none) and wait for the client's answer."""
+        self.auth_refused = False
         self.continuation = step
         self._write(f"+ {text}\r\n".encode())
 
@@ -291,7 +331,8 @@ class Session:
             return
         if admission.wait:
             self.log.debug("login for %s waits %.1fs: recent failures", user, admission.wait)
-            self.ctx.sleep(admission.wait)
+            with self.limits.login.paused():  # a penalty does not count against -login-timeout
+                self.ctx.sleep(admission.wait)
         if admission.outcome is Outcome.DEFERRED:
             self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
@@ -324,6 +365,7 @@ class Session:
         self.maildrop = maildrop
         self.account_name = account.name
         self.state = State.TRANSACTION
+        self.limits.login.met()
         self.ctx.stats.user_logged_in(id(self), account.name)
         self.log.log(THREAD, "user %s logged in from %s, %d messages", user, self.peer,
                      len(self.messages))
@@ -339,8 +381,7 @@ class Session:
         """Answer a failed (or deferred: not checked) login; the guard's wait is over."""
         self.failures += 1
         self.ctx.stats.auth_failed()
-        self.log.log(THREAD, "login failed for %s from %s (attempt %d), %sdelay %.0fs", user,
-                     self.peer, self.failures, note, delay)
+        self.log_failed_login(user, delay, note)
         self.reply(reply.format(user=user))
         if self.failures >= self.ctx.settings.login_attempts:
             self.log.log(THREAD, "closing %s after %d failed logins", self.peer, self.failures)
