@@ -147,6 +147,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace", "int", 30,
             "seconds sessions get to finish on SIGTERM before they are closed unapplied",
             minimum=0),
+    Setting("worker_timeout", "int", 10,
+            "seconds a worker's heartbeat (event loop or thread pool) may stall before the "
+            "supervisor kills and replaces it", minimum=2, maximum=3600),
     Setting("users", "path", "", "users file in Dovecot's passwd-file format"),
     Setting("mail", "str", "maildir:~/Maildir",
             "where mail lives: maildir:PATH, or mbox:PATH for a Unix spool file"

@@ -27,6 +27,8 @@ HEADER_WORDS = 8
 SLOT_WORDS = 32
 NAME_BYTES = 32
 USERS_PER_SLOT = 16384
+SUPERVISOR_SLOT = 0  # slot 0 is the supervisor's; workers have 1..N, N+1..2N are spares
+TICK_SECONDS = 1.0  # a worker writes its heartbeat this often; the supervisor's watchdog reads it
 
 
 class Header(IntEnum):
@@ -34,7 +36,7 @@ class Header(IntEnum):
     VERSION = 1
     NSLOTS = 2
     START_TIME = 3
-    LOGLEVEL = 4  # index into shared.settings.LOG_LEVELS
+    LOGLEVEL = 4  # index into shared.logsetup.LEVEL_NAMES
 
 
 class Table(IntEnum):
@@ -51,7 +53,7 @@ class Counter(IntEnum):
     """Counters of one slot; the comments name the XTND STATS line each feeds."""
 
     PID = 0
-    HEARTBEAT = 1        # monotonic seconds of the writer's last tick
+    HEARTBEAT = 1        # monotonic milliseconds of the worker's last event-loop tick
     CURRENT = 2          # Current Threads: sessions open now
     TOTAL = 3            # Total Threads
     RECEIVED = 4         # connections received from the supervisor (handoff bookkeeping)
@@ -69,10 +71,17 @@ class Counter(IntEnum):
     CPU_EXITED_US = 16   # CPU microseconds of reaped workers (supervisor slot)
     ADDRESS_REFUSED = 17  # connections refused for -max-per-address (supervisor slot)
     ADDRESS_BLOCKED = 18  # logins refused for -auth-block
+    POOL_BEAT = 19       # monotonic milliseconds when the worker's thread pool last ran a probe
+    CAPACITY = 20        # sessions the worker's descriptor limit can hold (0 = not known yet)
+    TRUNCATED = 21       # connections lost because the kernel dropped their descriptor (CTRUNC)
+    FATAL_SLOTS = 22     # supervisor slot: worker slots in the FATAL state now
+    DEAD_SLOTS = 23      # supervisor slot: slots held by a process that survived SIGKILL
+    HUNG_KILLED = 24     # supervisor slot: workers the watchdog killed
 
 
 _MIN_COUNTERS = {Counter.RETR_MIN}
-_MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID}
+_MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID,
+                 Counter.POOL_BEAT}
 
 
 def area_size(nslots: int) -> int:

@@ -15,8 +15,6 @@ import time
 
 from gevent import GreenletExit, Timeout
 
-from shared import keytable
-from shared.handoff import Kind
 from shared.logsetup import THREAD
 from shared.stats import Counter
 from worker import replies as R
@@ -141,9 +139,7 @@ class Connection:
             session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
             ctx.count(outcome)
             ctx.count(Counter.CURRENT, -1)
-            if ctx.settings.max_per_address:
-                ctx.tell_supervisor(Kind.CLOSED, keytable.digest(self.address))
-            self.sock.close()
+            self.sock.close()  # the worker tells the supervisor (worker/main.py Worker.serve)
 
     def _read_loop(self) -> None:
         session = self.session
