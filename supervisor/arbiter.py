@@ -482,7 +482,15 @@ class Supervisor(HeartbeatWatch):
             worker.channel = None
         return lost
 
+    def note_ready(self, worker: WorkerProcess) -> None:
+        """STARTING -> RUNNING once the worker has published its pid (it is ready)."""
+        if (worker.state is WorkerState.STARTING
+                and self.stats.get(worker.slot, Counter.PID) == worker.pid):
+            worker.change_state(WorkerState.RUNNING)  # STARTING -> RUNNING
+            self.count_slots()
+
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
+        self.note_ready(worker)  # it may have become ready since the last turn of the loop
         lost = self.settle_books(worker, slot_has_no_writer=True)
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with status {os.waitstatus_to_exitcode(status)}")
@@ -518,10 +526,8 @@ class Supervisor(HeartbeatWatch):
                 self.spawn_worker(worker)
                 self.count_slots()
                 self.update_title()
-            elif (worker.state is WorkerState.STARTING
-                  and self.stats.get(worker.slot, Counter.PID) == worker.pid):
-                worker.change_state(WorkerState.RUNNING)  # STARTING -> RUNNING
-                self.count_slots()
+            else:
+                self.note_ready(worker)
         if all(w.state is WorkerState.FATAL for w in self.workers):
             log.error("every worker slot is FATAL: the supervisor exits")
             self.exit_status = 1

@@ -90,8 +90,8 @@ class HeartbeatWatch:
 
     def note_freshness(self, worker: WorkerProcess) -> None:
         fresh = self.fresh(worker)
-        if fresh == worker.stale:
-            return  # unchanged: stale is "not fresh"
+        if worker.stale == (not fresh):
+            return  # unchanged
         worker.stale = not fresh
         if worker.stale:
             log.error("worker %d (pid %d) missed %d heartbeats: no new sessions go to it",
