@@ -136,18 +136,7 @@ class Supervisor(HeartbeatWatch):
         daemon.drop_privileges(identity, own_fds=own)
         log.info("running as user %s (uid %d, gid %d)", identity.user,
                  identity.uid, identity.gid)
-        log_dir = os.path.dirname(settings.logfile)
-        missing = daemon.unreachable([
-            (sys.executable, os.X_OK, "cannot run the worker interpreter"),
-            (os.path.dirname(os.__file__), os.R_OK | os.X_OK, "cannot read the standard library"),
-            (PROJECT_ROOT, os.R_OK | os.X_OK, "cannot read the server's code in"),
-            (settings.users, os.R_OK, "cannot read the users file"),
-            (settings.xtnd, os.R_OK, "cannot read the XTND file"),
-            (getattr(settings, "tls_cert", ""), os.R_OK, "cannot read the TLS certificate"),
-            (getattr(settings, "tls_key", ""), os.R_OK, "cannot read the TLS key"),
-            (settings.logfile, os.W_OK, "cannot write the log file"),
-            (log_dir, os.W_OK | os.X_OK, "cannot rotate the log in (it must be writable)"),
-        ])
+        missing = daemon.unreachable(daemon.needed_after_drop(settings, PROJECT_ROOT))
         if missing:
             raise daemon.DaemonError(f"as user {identity.user}: " + "; ".join(missing))
 

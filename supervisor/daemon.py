@@ -285,6 +285,22 @@ def capabilities(pid: int | str = "self") -> dict[str, int]:
     return caps
 
 
+def needed_after_drop(settings, project_root: str) -> list[tuple[str, int, str]]:
+    """What the unprivileged supervisor and its workers must reach: (path, mode, what)."""
+    log_dir = os.path.dirname(settings.logfile)
+    return [
+        (sys.executable, os.X_OK, "cannot run the worker interpreter"),
+        (os.path.dirname(os.__file__), os.R_OK | os.X_OK, "cannot read the standard library"),
+        (project_root, os.R_OK | os.X_OK, "cannot read the server's code in"),
+        (settings.users, os.R_OK, "cannot read the users file"),
+        (settings.xtnd, os.R_OK, "cannot read the XTND file"),
+        (getattr(settings, "tls_cert", ""), os.R_OK, "cannot read the TLS certificate"),
+        (getattr(settings, "tls_key", ""), os.R_OK, "cannot read the TLS key"),
+        (settings.logfile, os.W_OK, "cannot write the log file"),
+        (log_dir, os.W_OK | os.X_OK, "cannot rotate the log in (it must be writable)"),
+    ]
+
+
 def unreachable(wanted: list[tuple[str, int, str]]) -> list[str]:
     """Of (path, os.access mode, what), those this process cannot use, described for the user."""
     return [f"{what} {path}" for path, mode, what in wanted if path and not os.access(path, mode)]
