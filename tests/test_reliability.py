@@ -261,11 +261,13 @@ def test_supervisor_sigkilled_during_logins_leaves_no_process(start_server):
 
 
 # -- issue 9.3: FATAL -------------------------------------------------------------------------------
-def test_slot_dying_before_ready_goes_fatal_and_all_fatal_exits(start_server):
+def test_slot_dying_before_ready_goes_fatal_and_all_fatal_exits(start_server, tmp_path):
     """A worker that keeps dying before it is ready (its users file gone) backs off, goes
-    FATAL (logged, in the title); the other slot keeps serving; when every slot is FATAL the
-    supervisor exits non-zero."""
-    server = start_server("-loglevel", "INFO")
+    FATAL (logged, in the title and XTND STATS); the other slot keeps serving; when every slot
+    is FATAL the supervisor exits non-zero."""
+    xtnd = tmp_path / "pop_xtnd.dat"
+    xtnd.write_text("stats bob\n")
+    server = start_server("-loglevel", "INFO", "-xtnd", str(xtnd))
     pids = server.worker_pids()
     server.users_file.rename(server.users_file.with_name("users.away"))
     mark = server.mark()
@@ -274,7 +276,15 @@ def test_slot_dying_before_ready_goes_fatal_and_all_fatal_exits(start_server):
     server.wait_for(r"worker 1 is FATAL", start=mark, timeout=60)
     with open(f"/proc/{server.proc.pid}/cmdline", "rb") as fh:
         assert b"1 FATAL" in fh.read()
-    assert _try_login(server, "bob")  # worker 2 holds its accounts in memory
+    bob = server.raw()  # worker 2 holds its accounts in memory
+    bob.line()
+    bob.command("USER bob")
+    assert bob.command(f"PASS {USERS['bob']}").startswith(b"+OK")
+    assert bob.command("XTND STATS") == statsreport.HEADER.encode()
+    values, _ = statsreport.parse([line.decode() for line in bob.multiline()])
+    assert values["Fatal Workers"] == "1"
+    bob.command("QUIT")
+    bob.close()
     os.kill(pids[2], signal.SIGKILL)
     server.wait_for(r"worker 2 is FATAL", start=mark, timeout=60)
     server.wait_for(r"every worker slot is FATAL", start=mark)
@@ -370,3 +380,35 @@ def test_client_reset_before_the_worker_reads_its_address_gives_the_slot_back(st
     server.wait_for(r"frame CONNECTION \d+ from the supervisor", start=mark)
     # Before the fix the address stayed counted: every later connection was refused.
     assert wait_until(lambda: _try_login(server, "alice"), 10)
+
+
+def test_a_process_that_survives_sigkill_keeps_its_slot_and_is_replaced_in_another(tmp_path):
+    """The watchdog's SIGKILL did not end a process (uninterruptible sleep): after the margin
+    its slot is marked dead and reported, its replacement gets a spare slot (never a second
+    writer on the old one), and the slot is freed when the process is finally reaped."""
+    from shared import settings as settings_mod
+    from shared.stats import SUPERVISOR_SLOT, StatsArea
+    from supervisor.arbiter import Supervisor
+    from supervisor.workers import KILL_MARGIN_SECONDS
+
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}x::::::\n")
+    settings, _ = settings_mod.resolve(["-users", str(users), "-workers", "2"])
+    sup = Supervisor(settings)
+    sup.stats = StatsArea.create(2 * sup.nworkers + 1, 0)
+    worker = sup.workers[0]
+    worker.change_state(S.STARTING)
+    worker.change_state(S.RUNNING)
+    worker.change_state(S.HUNG)
+    worker.pid = 999_999_999  # no such process: only the bookkeeping runs
+    worker.killed_at = time.monotonic() - KILL_MARGIN_SECONDS - 1
+    sup.stats.set(1, Counter.CURRENT, 3)
+    sup.watch_workers()
+    assert worker.slot == 3 and worker.state is S.EXITED and worker.pid == 0
+    assert sup.undead == {999_999_999: 1}
+    assert sup.stats.get(SUPERVISOR_SLOT, Counter.DEAD_SLOTS) == 1
+    assert sup.stats.get(1, Counter.CURRENT) == 3  # the old slot is not written meanwhile
+    assert sup.stats.get(SUPERVISOR_SLOT, Counter.ABNORMAL) == 3
+    sup.undead_reaped(999_999_999)
+    assert sup.spare_slots[-1] == 1 and sup.stats.get(SUPERVISOR_SLOT, Counter.DEAD_SLOTS) == 0
+    assert sup.stats.get(1, Counter.CURRENT) == 0
