@@ -274,8 +274,11 @@ def test_slot_dying_before_ready_goes_fatal_and_all_fatal_exits(start_server, tm
     os.kill(pids[1], signal.SIGKILL)
     server.wait_for(r"worker 1 died before it was ready \(1 in a row\)", start=mark, timeout=30)
     server.wait_for(r"worker 1 is FATAL", start=mark, timeout=60)
-    with open(f"/proc/{server.proc.pid}/cmdline", "rb") as fh:
-        assert b"1 FATAL" in fh.read()
+    def title() -> bytes:
+        with open(f"/proc/{server.proc.pid}/cmdline", "rb") as fh:
+            return fh.read()
+
+    assert wait_until(lambda: b"(1 FATAL)" in title(), 5)  # set just after the log line
     bob = server.raw()  # worker 2 holds its accounts in memory
     bob.line()
     bob.command("USER bob")
