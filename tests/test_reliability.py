@@ -415,3 +415,80 @@ def test_a_process_that_survives_sigkill_keeps_its_slot_and_is_replaced_in_anoth
     sup.undead_reaped(999_999_999)
     assert sup.spare_slots[-1] == 1 and sup.stats.get(SUPERVISOR_SLOT, Counter.DEAD_SLOTS) == 0
     assert sup.stats.get(1, Counter.CURRENT) == 0
+
+
+@pytest.fixture
+def few_descriptors():
+    """Lower this process's soft RLIMIT_NOFILE to what is open now plus ``n`` (restored after,
+    or at once with None)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def lower(n: int | None) -> None:
+        """``n`` more than open now; None restores the limit."""
+        wanted = soft if n is None else len(os.listdir("/proc/self/fd")) - 1 + n
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+    yield lower
+    lower(None)
+
+
+def test_a_dropped_descriptor_costs_one_connection_not_the_channel(few_descriptors):
+    """A CONNECTION frame whose descriptor the kernel drops (MSG_CTRUNC, no free descriptor)
+    raises DescriptorDropped carrying the address key; the channel goes on working."""
+    from shared import handoff
+
+    ours, theirs = handoff.channel_pair()
+    left, right = socket.socketpair()
+    handoff.send_frame(ours, handoff.Kind.CONNECTION, fd=left.fileno(), address=77)
+    handoff.send_frame(ours, handoff.Kind.RELOAD)
+    few_descriptors(0)
+    with pytest.raises(handoff.DescriptorDropped) as caught:
+        handoff.recv_frame(theirs)
+    assert caught.value.frame.address == 77 and caught.value.frame.fd is None
+    assert handoff.recv_frame(theirs).kind is handoff.Kind.RELOAD
+    for sock in (ours, theirs, left, right):
+        sock.close()
+
+
+def test_accept_out_of_descriptors_pauses_the_listeners(tmp_path, few_descriptors):
+    """accept() failing with EMFILE unregisters the listeners for a doubling pause instead of
+    being retried on every loop turn; they are registered again when the pause is over."""
+    from shared import handoff, settings as settings_mod
+    from supervisor import listeners
+    from supervisor.arbiter import ACCEPT_PAUSE_MIN, Supervisor
+
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}x::::::\n")
+    settings, _ = settings_mod.resolve(["-users", str(users), "-workers", "1"])
+    sup = Supervisor(settings)
+    sup.sockets = listeners.bind_all(("127.0.0.1",), 0)
+    sup.register_listeners()
+    listener = sup.sockets[0]
+    client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+    try:
+        few_descriptors(0)
+        sup.accept_connections(listener, handoff.PLAIN)
+        sup.accept_connections(listener, handoff.PLAIN)
+    finally:
+        few_descriptors(None)
+    assert listener.fileno() not in sup.selector.get_map()
+    assert sup.accept_pause == 2 * ACCEPT_PAUSE_MIN
+    assert wait_until(lambda: (sup.resume_listeners(), listener.fileno() in
+                               sup.selector.get_map())[1], 5)
+    client.close()
+    listener.close()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit is not installed")
+def test_help_says_when_maxclients_does_not_fit_the_descriptor_limit():
+    """-help under a hard descriptor limit of 100 warns that -maxclients 1000 cannot be served."""
+    out = subprocess.run(["prlimit", "--nofile=100:100", sys.executable, "-m", "supervisor",
+                          "-help"], capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0
+    assert "warning: -maxclients 1000 cannot be served: the descriptor limit 100" in out.stdout
+    plain = subprocess.run([sys.executable, "-m", "supervisor", "-help"], capture_output=True,
+                           text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "cannot be served" not in plain.stdout
