@@ -1,11 +1,13 @@
 """Server statistics in shared memory: one slot of counters per process, one writer per slot.
 
 The supervisor creates the area (a memfd, so exec'd workers can map it from an inherited
-descriptor) before it spawns anyone; worker k writes only slot k, the supervisor only slot 0 and
-the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte words::
+descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from a thread of its
+pool, the one writer of that word), the supervisor only slot 0 and the slot of a worker it has
+reaped. Anyone may read and sum. Layout, 8-byte words::
 
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
-    word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers)
+    word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers, N+1..2N spare
+                           slots for replacements of a process that survived SIGKILL)
     after the slots        USERS_PER_SLOT names of 32 bytes per worker slot (Current Users)
     after the names        per slot, one shared.keytable of each ``Table`` kind
 
