@@ -14,9 +14,9 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-HEADER = struct.Struct("!4sBBHQ")  # magic, version, kind, spare, argument
+HEADER = struct.Struct("!4sBBHQQ")  # magic, version, kind, spare, argument, address key
 MAGIC = b"IUP3"
-VERSION = 1
+VERSION = 2
 _FD_ROOM = 4  # room for surplus descriptors, which are closed, so none leaks
 
 
@@ -43,17 +43,30 @@ class HandoffError(Exception):
     """A malformed frame: the channel is no longer trustworthy and is closed."""
 
 
+class DescriptorDropped(HandoffError):
+    """A well-formed frame whose descriptor the kernel dropped (MSG_CTRUNC: the receiver had
+    no free descriptor). The channel is fine; only that one connection is lost."""
+
+    def __init__(self, frame: "Frame"):
+        super().__init__("descriptor dropped by the kernel (MSG_CTRUNC)")
+        self.frame = frame
+
+
 @dataclass(frozen=True)
 class Frame:
     kind: Kind
     argument: int = 0
     fd: int | None = None
+    # The supervisor's key for the client address (CONNECTION, and CLOSED back): the worker
+    # names the same key when the session ends, even if the client reset before it could read
+    # its peer's address, so the supervisor's per-address count always comes back down.
+    address: int = 0
 
 
 def send_frame(sock: socket.socket, kind: Kind, argument: int = 0, fd: int | None = None,
-               flags: int = 0) -> None:
+               flags: int = 0, address: int = 0) -> None:
     """Send one frame; the caller still owns ``fd`` and closes it once this returns."""
-    data = HEADER.pack(MAGIC, VERSION, kind, 0, argument)
+    data = HEADER.pack(MAGIC, VERSION, kind, 0, argument, address)
     ancillary = []
     if fd is not None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
@@ -70,15 +83,12 @@ def recv_frame(sock: socket.socket) -> Frame | None:
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    if msg_flags & socket.MSG_CTRUNC:
-        _close_all(fds)
-        raise HandoffError("descriptors truncated (MSG_CTRUNC)")
-    if not data and not fds:
+    if not data and not fds and not msg_flags & socket.MSG_CTRUNC:
         return None
     if len(data) != HEADER.size or msg_flags & socket.MSG_TRUNC:
         _close_all(fds)
         raise HandoffError(f"bad frame length {len(data)}")
-    magic, version, kind, _, argument = HEADER.unpack(data)
+    magic, version, kind, _, argument, address = HEADER.unpack(data)
     if magic != MAGIC or version != VERSION:
         _close_all(fds)
         raise HandoffError("bad frame magic or version")
@@ -87,11 +97,16 @@ def recv_frame(sock: socket.socket) -> Frame | None:
     except ValueError:
         _close_all(fds)
         raise HandoffError(f"unknown frame kind {kind}") from None
+    if msg_flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        if kind is Kind.CONNECTION:
+            raise DescriptorDropped(Frame(kind, argument, None, address))
+        raise HandoffError("descriptors truncated (MSG_CTRUNC)")
     wants_fd = kind is Kind.CONNECTION
     if len(fds) != (1 if wants_fd else 0):
         _close_all(fds)
         raise HandoffError(f"{kind.name} frame with {len(fds)} descriptors")
-    return Frame(kind, argument, fds[0] if wants_fd else None)
+    return Frame(kind, argument, fds[0] if wants_fd else None, address)
 
 
 def _close_all(fds: array.array) -> None:

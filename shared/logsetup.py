@@ -12,8 +12,10 @@ for fail2ban, at once), as IUPOP3 1.8 flushed every 3 minutes. The supervisor ro
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -117,9 +119,11 @@ class LogFileHandler(logging.Handler):
     of several processes never interleave inside a line. Reopened after rotation.
     """
 
-    def __init__(self, path: str, flush_seconds: float = FLUSH_SECONDS):
+    def __init__(self, path: str, flush_seconds: float = FLUSH_SECONDS,
+                 owners: tuple[int, ...] | None = None):
         super().__init__()
         self.path = path
+        self.owners = owners
         self.flush_seconds = flush_seconds
         self.fd = -1
         self.pending: list[bytes] = []
@@ -129,7 +133,7 @@ class LogFileHandler(logging.Handler):
 
     def reopen(self) -> None:
         """Write what is pending to the old file, then continue in a file opened anew."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = open_log_file(self.path, self.owners)
         with self.lock:
             self.flush()
             old, self.fd = self.fd, fd
@@ -177,6 +181,38 @@ class LogFileHandler(logging.Handler):
             super().close()
 
 
+def open_nofollow(path: str, flags: int, mode: int) -> int:
+    """``os.open`` that refuses a symlink in the last component with a plain message."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link; refusing to follow it") from None
+        raise
+
+
+def open_log_file(path: str, owners: tuple[int, ...] | None = None) -> int:
+    """Open (or create) a log file so nobody can redirect it (issue 10): never through a
+    symlink (O_NOFOLLOW), and only a regular file with one link owned by one of ``owners``
+    (default: this process), so a planted hard link to another file is refused too. Root
+    opens the log in a directory the service user may write."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640)
+    try:
+        info = os.fstat(fd)
+        allowed = owners if owners is not None else (os.geteuid(),)
+        problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode)
+                   else f"has {info.st_nlink} links" if info.st_nlink != 1
+                   else f"belongs to uid {info.st_uid}" if info.st_uid not in allowed
+                   else None)
+        if problem:
+            raise OSError(errno.EPERM, f"{problem}; refusing to write to it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class StdoutHandler(logging.StreamHandler):
     """Standard output, a line at a time (it is often a pipe or a journal)."""
 
@@ -191,9 +227,11 @@ class StdoutHandler(logging.StreamHandler):
 
 
 def configure(role: str, level: str, logfile: str = "",
-              flush_seconds: float = FLUSH_SECONDS) -> logging.Handler:
-    """Set up the iupop3 logger of this process; returns its handler."""
-    handler: logging.Handler = (LogFileHandler(logfile, flush_seconds) if logfile
+              flush_seconds: float = FLUSH_SECONDS,
+              owners: tuple[int, ...] | None = None) -> logging.Handler:
+    """Set up the iupop3 logger of this process; returns its handler. ``owners``: who may own
+    an existing log file (open_log_file)."""
+    handler: logging.Handler = (LogFileHandler(logfile, flush_seconds, owners) if logfile
                                 else StdoutHandler())
     handler.setFormatter(LineFormatter(role))
     for old in list(log.handlers):

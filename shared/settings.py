@@ -170,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace", "int", 30,
             "seconds sessions get to finish on SIGTERM before they are closed unapplied",
             minimum=0),
+    Setting("worker_timeout", "int", 10,
+            "seconds a worker's heartbeat (event loop or thread pool) may stall before the "
+            "supervisor kills and replaces it", minimum=2, maximum=3600),
     Setting("users", "users", "",
             "where accounts come from: passwd-file:PATH (Dovecot's format; a bare path too),"
             " shadow: (the system's users and /etc/shadow) or pam:SERVICE (default iupop3)",

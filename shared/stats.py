@@ -1,11 +1,13 @@
 """Server statistics in shared memory: one slot of counters per process, one writer per slot.
 
 The supervisor creates the area (a memfd, so exec'd workers can map it from an inherited
-descriptor) before it spawns anyone; worker k writes only slot k, the supervisor only slot 0 and
-the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte words::
+descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from a thread of its
+pool, the one writer of that word), the supervisor only slot 0 and the slot of a worker it has
+reaped. Anyone may read and sum. Layout, 8-byte words::
 
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
-    word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers)
+    word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers, N+1..2N spare
+                           slots for replacements of a process that survived SIGKILL)
     after the slots        USERS_PER_SLOT names of 32 bytes per worker slot (Current Users)
     after the names        one shared.keytable of each ``Table`` kind, shared by every
                            worker, written under ``lock_tables`` (worker/authguard.py)
@@ -29,6 +31,8 @@ HEADER_WORDS = 8
 SLOT_WORDS = 32
 NAME_BYTES = 32
 USERS_PER_SLOT = 16384
+SUPERVISOR_SLOT = 0  # slot 0 is the supervisor's; workers have 1..N, N+1..2N are spares
+TICK_SECONDS = 1.0  # a worker writes its heartbeat this often; the supervisor's watchdog reads it
 
 
 class Header(IntEnum):
@@ -54,7 +58,7 @@ class Counter(IntEnum):
     """Counters of one slot; the comments name the XTND STATS line each feeds."""
 
     PID = 0
-    HEARTBEAT = 1        # monotonic seconds of the writer's last tick
+    HEARTBEAT = 1        # monotonic milliseconds of the worker's last event-loop tick
     CURRENT = 2          # Current Threads: sessions open now
     TOTAL = 3            # Total Threads
     RECEIVED = 4         # connections received from the supervisor (handoff bookkeeping)
@@ -72,10 +76,17 @@ class Counter(IntEnum):
     CPU_EXITED_US = 16   # CPU microseconds of reaped workers (supervisor slot)
     ADDRESS_REFUSED = 17  # connections refused for -max-per-address (supervisor slot)
     ADDRESS_BLOCKED = 18  # logins refused for -auth-block
+    POOL_BEAT = 19       # monotonic milliseconds when the worker's thread pool last ran a probe
+    CAPACITY = 20        # sessions the worker's descriptor limit can hold (0 = not known yet)
+    TRUNCATED = 21       # connections lost because the kernel dropped their descriptor (CTRUNC)
+    FATAL_SLOTS = 22     # supervisor slot: worker slots in the FATAL state now
+    DEAD_SLOTS = 23      # supervisor slot: slots held by a process that survived SIGKILL
+    HUNG_KILLED = 24     # supervisor slot: workers the watchdog killed
 
 
 _MIN_COUNTERS = {Counter.RETR_MIN}
-_MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID}
+_MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID,
+                 Counter.POOL_BEAT}
 
 
 def area_size(nslots: int) -> int:

@@ -39,6 +39,13 @@ FIELDS: tuple[tuple[str, Counter | None], ...] = (
     ("Auth Failures", Counter.AUTH_FAILURES),
     ("Current Users", None),
 )
+# Lines added before Current Users only while non-zero (supervisor/workers.py states).
+HEALTH_FIELDS: tuple[tuple[str, Counter], ...] = (
+    ("Fatal Workers", Counter.FATAL_SLOTS),
+    ("Dead Workers", Counter.DEAD_SLOTS),
+    ("Hung Workers Killed", Counter.HUNG_KILLED),
+    ("Lost Handoffs", Counter.TRUNCATED),
+)
 NAME_WIDTH = max(len(name) for name, _ in FIELDS)  # the colons line up, as in the README
 USER_INDENT = " " * (NAME_WIDTH + 3)              # user lines start under the values
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -85,6 +92,9 @@ def render(figures: Figures) -> list[str]:
     }
     out = []
     for name, counter in FIELDS:
+        if name == "Current Users":
+            # Not in IUPOP3's report: shown only when some worker slot is in trouble.
+            out.extend(line(name, t[c]) for name, c in HEALTH_FIELDS if t.get(c, 0))
         out.append(line(name, computed[name] if counter is None else t.get(counter, 0)))
     for number, user in enumerate(sorted(figures.users)):
         out.append(f"{USER_INDENT}{number}. {user}")

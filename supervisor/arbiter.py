@@ -8,6 +8,7 @@ workers. It knows nothing of POP3: it passes descriptors and reads counters.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import selectors
 import signal
@@ -15,60 +16,40 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 
 from setproctitle import setproctitle
 
-from shared import handoff, keytable, logsetup, refusal
+from shared import descriptors, handoff, keytable, logsetup, refusal
 from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
-from shared.stats import Counter, Header, StatsArea
+from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
 from supervisor import daemon, listeners
+from supervisor.watchdog import HeartbeatWatch
 from supervisor.rotation import MidnightRotation
+from supervisor.workers import (KILL_MARGIN_SECONDS, PROCESS_STATES, ROUTABLE_STATES,
+                                WAITING_STATES, WorkerProcess, WorkerState, load)
 
-SUPERVISOR_SLOT = 0
 ACCEPT_BATCH = 64
 LOOP_SECONDS = 1.0
-QUICK_DEATH_SECONDS = 5.0
-MAX_BACKOFF_SECONDS = 30.0
-KILL_MARGIN_SECONDS = 10.0
+ACCEPT_PAUSE_MIN = 0.05     # EMFILE on accept: the listeners pause this long, doubling...
+ACCEPT_PAUSE_MAX = 1.0      # ...up to this (gevent's baseserver does the same)
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# accept() errors that mean "no descriptor or memory now": pause the listeners, do not spin.
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class WorkerState(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    DRAINING = "draining"
-    EXITED = "exited"
-    BACKOFF = "backoff"
-
-
-@dataclass
-class WorkerProcess:
-    slot: int
-    state: WorkerState = WorkerState.EXITED
-    pid: int = 0
-    channel: socket.socket | None = None
-    started: float = 0.0
-    sent_base: int = 0     # the slot's RECEIVED when this process started
-    sent: int = 0          # connections handed to this process
-    quick_deaths: int = 0
-    respawn_at: float = 0.0
-    addresses: collections.Counter = field(default_factory=collections.Counter)
-    # Control frames waiting for room in the channel (a worker busy for a moment); kept in
-    # order and retried every loop turn, so a DRAIN or a REOPEN_LOG is never dropped.
-    outbox: collections.deque = field(default_factory=collections.deque)
-
-
-class Supervisor:
+class Supervisor(HeartbeatWatch):
     def __init__(self, settings, on_ready: Callable[[str], None] | None = None):
         self.settings = settings
         self.on_ready = on_ready  # told "listening on ..." once the ports are bound
         self.rotation: MidnightRotation | None = None
         self.nworkers = settings.workers or os.cpu_count() or 1
         self.workers = [WorkerProcess(slot) for slot in range(1, self.nworkers + 1)]
+        # Statistics slots for replacements of a process that survived SIGKILL: the dead
+        # process keeps its slot (it may still write it), its replacement never shares one.
+        self.spare_slots = list(range(self.nworkers + 1, 2 * self.nworkers + 1))
+        self.undead: dict[int, int] = {}  # pid -> slot of processes that survived SIGKILL
         self.sockets: list[socket.socket] = []
         self.per_address: dict[int, int] = {}  # sessions handed out per client address key
         self.tls_sockets: list[socket.socket] = []
@@ -77,36 +58,28 @@ class Supervisor:
         self.stats: StatsArea | None = None
         self.stopping = False
         self.stop_deadline: float | None = None
+        self.exit_status = 0
         self.handler = None
+        self.estimated_capacity = 0    # sessions per worker the descriptor limit allows
+        self.accept_pause = 0.0        # current back-off of the listeners (0 = listening)
+        self.accept_resume_at = 0.0
         self._turn = 0
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
-        try:
-            self.handler = logsetup.configure("supervisor", self.settings.loglevel,
-                                              self.settings.logfile, self.settings.log_flush)
-        except OSError as exc:
-            raise daemon.DaemonError(
-                f"cannot open the log file {self.settings.logfile}: {exc.strerror}") from None
-        if self.settings.logfile:
-            self.rotation = MidnightRotation(self.settings.logfile)
-            left = self.rotation.left_from_before()
-            if left is not None:
-                self.rotate_log(left)  # a file of an earlier day (stopped overnight)
+        self.open_log()
         self.sockets = listeners.bind_all(self.settings.listen, self.settings.port)
         if self.settings.tls_cert and self.settings.tls_port:
             # With -port 0 (tests) every listener takes a free port; each is logged.
             tls_port = self.settings.tls_port if self.settings.port else 0
             self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
         self.drop_privileges()  # after binding (port 110 wants root), before any worker
-        self.stats = StatsArea.create(self.nworkers + 1, int(time.time()))
+        self.check_descriptor_limit()
+        self.stats = StatsArea.create(2 * self.nworkers + 1, int(time.time()))
         self.stats.set(SUPERVISOR_SLOT, Counter.PID, os.getpid())
         self.stats.set_header(Header.LOGLEVEL,
                               logsetup.LEVEL_NAMES.index(self.settings.loglevel))
-        for sock in self.sockets:
-            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.PLAIN))
-        for sock in self.tls_sockets:
-            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.IMPLICIT_TLS))
+        self.register_listeners()
         self._install_signals()
         for worker in self.workers:
             self.spawn_worker(worker)
@@ -120,6 +93,37 @@ class Supervisor:
         if self.on_ready is not None:
             self.on_ready(f"pid {os.getpid()} listening on {where}")
 
+    def open_log(self) -> None:
+        try:
+            self.handler = logsetup.configure("supervisor", self.settings.loglevel,
+                                              self.settings.logfile, self.settings.log_flush,
+                                              owners=self._log_owners())
+        except OSError as exc:
+            raise daemon.DaemonError(
+                f"cannot open the log file {self.settings.logfile}: {exc.strerror}") from None
+        if self.settings.logfile:
+            self.rotation = MidnightRotation(self.settings.logfile)
+            left = self.rotation.left_from_before()
+            if left is not None:
+                self.rotate_log(left)  # a file of an earlier day (stopped overnight)
+
+    def _log_owners(self) -> tuple[int, ...]:
+        """Who may own an existing log file: this process, and the -user it becomes."""
+        if self.settings.user and os.geteuid() == 0:
+            return (0, daemon.identity_for(self.settings.user, self.settings.group).uid)
+        return (os.geteuid(),)
+
+    def check_descriptor_limit(self) -> None:
+        """Raise the soft RLIMIT_NOFILE to the hard one (workers inherit it) and say whether
+        -maxclients fits in it."""
+        before, limit = descriptors.raise_soft_limit()
+        raised = f" (raised from {before})" if limit != before else ""
+        log.info("descriptor limit %d per process%s", limit, raised)
+        self.estimated_capacity = descriptors.session_capacity(limit)
+        problem = descriptors.maxclients_problem(self.settings.maxclients, self.nworkers, limit)
+        if problem:
+            log.error("warning: %s", problem)
+
     def drop_privileges(self) -> None:
         """With -user, become that user for good and check it can reach what it needs."""
         settings = self.settings
@@ -128,21 +132,11 @@ class Supervisor:
                 log.info("warning: running as root; -user NAME would drop root after binding")
             return
         identity = daemon.identity_for(settings.user, settings.group)
-        daemon.drop_privileges(identity, own=[settings.logfile])
+        own = [self.handler.fd] if getattr(self.handler, "fd", -1) >= 0 else []
+        daemon.drop_privileges(identity, own_fds=own)
         log.info("running as user %s (uid %d, gid %d)", identity.user,
                  identity.uid, identity.gid)
-        log_dir = os.path.dirname(settings.logfile)
-        missing = daemon.unreachable([
-            (sys.executable, os.X_OK, "cannot run the worker interpreter"),
-            (os.path.dirname(os.__file__), os.R_OK | os.X_OK, "cannot read the standard library"),
-            (PROJECT_ROOT, os.R_OK | os.X_OK, "cannot read the server's code in"),
-            (settings.users, os.R_OK, "cannot read the users file"),
-            (settings.xtnd, os.R_OK, "cannot read the XTND file"),
-            (getattr(settings, "tls_cert", ""), os.R_OK, "cannot read the TLS certificate"),
-            (getattr(settings, "tls_key", ""), os.R_OK, "cannot read the TLS key"),
-            (settings.logfile, os.W_OK, "cannot write the log file"),
-            (log_dir, os.W_OK | os.X_OK, "cannot rotate the log in (it must be writable)"),
-        ])
+        missing = daemon.unreachable(daemon.needed_after_drop(settings, PROJECT_ROOT))
         if missing:
             raise daemon.DaemonError(f"as user {identity.user}: " + "; ".join(missing))
 
@@ -157,9 +151,20 @@ class Supervisor:
             log.error("cannot rotate the log file %s: %s; writing on in it",
                       self.rotation.path, exc.strerror or exc)
             return
-        self.handler.reopen()
+        try:
+            self.handler.reopen()
+        except OSError as exc:  # a file planted meanwhile: keep writing the renamed one
+            log.error("cannot open the new log file %s: %s", self.rotation.path,
+                      exc.strerror or exc)
+            return
         self.broadcast(Kind.REOPEN_LOG)
         log.info("new log file; the lines before are in %s", old)
+
+    def register_listeners(self) -> None:
+        for sock in self.sockets:
+            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.PLAIN))
+        for sock in self.tls_sockets:
+            self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.IMPLICIT_TLS))
 
     def _install_signals(self) -> None:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -177,7 +182,7 @@ class Supervisor:
     def run(self) -> int:
         self.start()
         while True:
-            for key, _ in self.selector.select(LOOP_SECONDS):
+            for key, _ in self.selector.select(self._loop_timeout()):
                 if isinstance(key.data, tuple):
                     self.accept_connections(key.fileobj, key.data[1])
                 elif key.data == "wakeup":
@@ -194,14 +199,22 @@ class Supervisor:
                     break
                 self.murder_stragglers()
             else:
+                self.watch_workers()
                 self.manage_workers()
+                self.resume_listeners()
             if self.rotation is not None and self.rotation.due():
                 self.rotate_log()
             if self.handler is not None:
                 self.handler.flush_if_due()
         self.close()
-        log.info("iupop3 supervisor %d exits", os.getpid())
-        return 0
+        log.info("iupop3 supervisor %d exits%s", os.getpid(),
+                 f" with status {self.exit_status}" if self.exit_status else "")
+        return self.exit_status
+
+    def _loop_timeout(self) -> float:
+        if self.accept_pause:
+            return max(0.0, min(LOOP_SECONDS, self.accept_resume_at - time.monotonic()))
+        return LOOP_SECONDS
 
     def _drain_wakeup(self) -> None:
         try:
@@ -235,59 +248,81 @@ class Supervisor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: log, and let the next loop turn retry.
-                log.error("accept failed: %s", exc.strerror)
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    self.pause_listeners(exc)
+                else:
+                    log.error("accept failed: %s", exc.strerror)
                 return
+            self.accept_pause = 0.0  # accepting again: the next pause starts small
             try:
                 self.hand_off(conn, kind)
             finally:
                 conn.close()  # the worker has its own copy now, or the client was refused
+
+    def pause_listeners(self, exc: OSError) -> None:
+        """Out of descriptors: stop listening for a while (doubling), not retry every turn."""
+        self.accept_pause = min(ACCEPT_PAUSE_MAX, max(ACCEPT_PAUSE_MIN, self.accept_pause * 2))
+        self.accept_resume_at = time.monotonic() + self.accept_pause
+        for sock in self.sockets + self.tls_sockets:
+            if sock.fileno() in self.selector.get_map():
+                self.selector.unregister(sock)
+        log.error("accept failed: %s; not accepting for %.2fs", exc.strerror,
+                  self.accept_pause)
+
+    def resume_listeners(self) -> None:
+        if not self.accept_pause or time.monotonic() < self.accept_resume_at:
+            return
+        if not any(s.fileno() in self.selector.get_map() for s in self.sockets):
+            self.register_listeners()
+        # accept_pause stays until an accept succeeds, so a failing one doubles it.
 
     def hand_off(self, conn: socket.socket, kind: int = handoff.PLAIN) -> None:
         """Send ``conn`` to the least-loaded worker; ``kind`` tags the listener it came from."""
         if self.stopping:
             self.refuse(conn, refusal.SHUTTING_DOWN)
             return
-        address_key = None
+        address_key = 0
         if self.settings.max_per_address:
             address_key = _address_key(conn, self.stats, self.settings)
             if self.per_address.get(address_key, 0) >= self.settings.max_per_address:
                 self.stats.add(SUPERVISOR_SLOT, Counter.ADDRESS_REFUSED)
                 self.refuse(conn, refusal.TOO_MANY_FROM_ADDRESS)
                 return
-        load = {w.slot: self.worker_load(w) for w in self.workers
-                if w.state in (WorkerState.STARTING, WorkerState.RUNNING)}
-        if sum(load.values()) >= self.settings.maxclients:
+        loads = {w.slot: load(self.stats, w) for w in self.workers}
+        concurrent = sum(loads.values())
+        candidates = [w for w in self.workers if self.routable(w, loads[w.slot])]
+        if concurrent >= self.settings.maxclients or not candidates:
+            full = concurrent >= self.settings.maxclients or any(
+                self.fresh(w) for w in self.workers if w.state in ROUTABLE_STATES)
             self.stats.add(SUPERVISOR_SLOT, Counter.REFUSED)
-            self.refuse(conn, refusal.TOO_MANY_SESSIONS)
+            self.refuse(conn, refusal.TOO_MANY_SESSIONS if full else refusal.NO_WORKER)
             return
         # Least loaded first; ties go round-robin so idle workers share the first sessions.
         self._turn += 1
-        order = sorted(load, key=lambda s: (load[s], (s + self._turn) % self.nworkers))
-        for slot in order:
-            worker = self.workers[slot - 1]
+        candidates.sort(key=lambda w: (loads[w.slot], (w.slot + self._turn) % self.nworkers))
+        for worker in candidates:
             try:
                 handoff.send_frame(worker.channel, Kind.CONNECTION, kind, fd=conn.fileno(),
-                                   flags=socket.MSG_DONTWAIT)
+                                   flags=socket.MSG_DONTWAIT, address=address_key)
             except (BlockingIOError, OSError) as exc:
-                log.debug("worker %d cannot take a connection: %s", slot, exc)
+                log.debug("worker %d cannot take a connection: %s", worker.slot, exc)
                 continue
             worker.sent += 1
-            if address_key is not None:
+            if self.settings.max_per_address:
                 self._address_opened(worker, address_key)
-            log.debug("connection fd %d handed to worker %d", conn.fileno(), slot)
-            concurrent = sum(load.values()) + 1
-            if concurrent > self.stats.get(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT):
-                self.stats.set(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT, concurrent)
+            log.debug("connection fd %d handed to worker %d", conn.fileno(), worker.slot)
+            if concurrent + 1 > self.stats.get(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT):
+                self.stats.set(SUPERVISOR_SLOT, Counter.MAX_CONCURRENT, concurrent + 1)
             return
         self.stats.add(SUPERVISOR_SLOT, Counter.REFUSED)
         self.refuse(conn, refusal.NO_WORKER)
 
-    def worker_load(self, worker: WorkerProcess) -> int:
-        """Sessions open in the worker plus connections sent that it has not picked up."""
-        received = self.stats.get(worker.slot, Counter.RECEIVED) - worker.sent_base
-        pending = max(0, worker.sent - received)
-        return self.stats.get(worker.slot, Counter.CURRENT) + pending
+    def routable(self, worker: WorkerProcess, current_load: int) -> bool:
+        """May take one more session: ready or starting, heartbeat fresh, descriptors to spare."""
+        # Until a starting worker publishes its capacity, the supervisor's own estimate holds.
+        capacity = self.stats.get(worker.slot, Counter.CAPACITY) or self.estimated_capacity
+        return (worker.state in ROUTABLE_STATES and worker.channel is not None
+                and self.fresh(worker) and current_load < capacity)
 
     @staticmethod
     def refuse(conn: socket.socket, line: bytes) -> None:
@@ -305,24 +340,27 @@ class Supervisor:
                                                           env.get("PYTHONPATH", "")]))
         actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                    (os.POSIX_SPAWN_DUP2, self.stats.fd, 4)]
+        # -P: the current directory is not on the worker's sys.path, so a module planted
+        # there is never imported (-I would also drop the PYTHONPATH set above).
+        argv = [sys.executable, "-P", "-m", "worker", str(worker.slot)]
+        worker.started = time.monotonic()
         try:
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "worker",
-                                                  str(worker.slot)], env, file_actions=actions)
+            pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
         except OSError as exc:
             log.error("cannot start worker %d: %s", worker.slot, exc)
             ours.close()
             theirs.close()
-            worker.started = time.monotonic()  # a failed start counts as a quick death
-            self._backoff(worker)
+            self.died_before_ready(worker)
             return
         theirs.close()
         ours.setblocking(False)
         worker.pid = pid
         worker.channel = ours
-        worker.started = time.monotonic()
         worker.sent = 0
+        worker.ready = False
+        worker.stale = False
         worker.sent_base = self.stats.get(worker.slot, Counter.RECEIVED)
-        worker.state = WorkerState.STARTING  # EXITED/BACKOFF -> STARTING
+        worker.change_state(WorkerState.STARTING)  # EXITED/BACKOFF/FATAL -> STARTING
         self.selector.register(ours, selectors.EVENT_READ, worker)
         log.info("worker %d started, pid %d", worker.slot, pid)
 
@@ -344,11 +382,11 @@ class Supervisor:
 
     def handle_worker_frame(self, worker: WorkerProcess, frame: handoff.Frame) -> None:
         if frame.kind is Kind.CLOSED:
-            self._address_closed(worker, frame.argument)
+            self._address_closed(worker, frame.address)
         elif frame.kind is Kind.DRAINING:
-            if worker.state in (WorkerState.STARTING, WorkerState.RUNNING):
+            if worker.state in ROUTABLE_STATES:
                 log.info("worker %d is draining: no new sessions go to it", worker.slot)
-                worker.state = WorkerState.DRAINING  # RUNNING -> DRAINING
+                worker.change_state(WorkerState.DRAINING)  # STARTING/RUNNING -> DRAINING
         elif frame.kind is Kind.SHUTDOWN:
             log.info("XTND SHUTDOWN: waiting for sessions to end")
             self.begin_stop(0)
@@ -365,6 +403,9 @@ class Supervisor:
         worker.addresses[key] += 1
 
     def _address_closed(self, worker: WorkerProcess, key: int, count: int = 1) -> None:
+        if worker.addresses.get(key, 0) <= 0:
+            return  # not one we handed out (or already settled by a reap): nothing to undo
+        count = min(count, worker.addresses[key])
         left = self.per_address.get(key, 0) - count
         if left > 0:
             self.per_address[key] = left
@@ -376,7 +417,7 @@ class Supervisor:
 
     def broadcast(self, kind: Kind, argument: int = 0) -> None:
         for worker in self.workers:
-            if worker.channel is not None and worker.state is not WorkerState.EXITED:
+            if worker.channel is not None and worker.state in PROCESS_STATES:
                 worker.outbox.append((kind, argument))
                 self.flush_outbox(worker)
 
@@ -401,21 +442,25 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            worker = next((w for w in self.workers if w.pid == pid), None)
-            if worker is None:
-                continue
             cpu_us = int((rusage.ru_utime + rusage.ru_stime) * 1e6)
             self.stats.add(SUPERVISOR_SLOT, Counter.CPU_EXITED_US, cpu_us)
-            self.worker_exited(worker, status)
+            if pid in self.undead:
+                self.undead_reaped(pid)
+                continue
+            worker = next((w for w in self.workers if w.pid == pid), None)
+            if worker is not None:
+                self.worker_exited(worker, status)
 
-    def worker_exited(self, worker: WorkerProcess, status: int) -> None:
-        slot = worker.slot
-        # The worker is gone, so its slot has no writer: the supervisor settles its books.
-        lost = self.stats.get(slot, Counter.CURRENT) + max(
-            0, worker.sent - (self.stats.get(slot, Counter.RECEIVED) - worker.sent_base))
-        self.stats.add(slot, Counter.ABNORMAL, lost)
-        self.stats.set(slot, Counter.CURRENT, 0)
-        self.stats.clear_users(slot)
+    def settle_books(self, worker: WorkerProcess, slot_has_no_writer: bool) -> int:
+        """The process is gone (or given up on): its sessions count as abnormal, its addresses
+        are released, its channel closed. Returns how many sessions were lost."""
+        lost = load(self.stats, worker)
+        if slot_has_no_writer:  # one writer per slot: only then is the slot ours to write
+            self.stats.add(worker.slot, Counter.ABNORMAL, lost)
+            self.stats.set(worker.slot, Counter.CURRENT, 0)
+            self.stats.clear_users(worker.slot)
+        else:
+            self.stats.add(SUPERVISOR_SLOT, Counter.ABNORMAL, lost)
         for key, count in list(worker.addresses.items()):
             self._address_closed(worker, key, count)
         worker.outbox.clear()
@@ -424,41 +469,64 @@ class Supervisor:
                 self.selector.unregister(worker.channel)
             worker.channel.close()
             worker.channel = None
+        return lost
+
+    def note_ready(self, worker: WorkerProcess) -> None:
+        """STARTING -> RUNNING once the worker has published its pid (it is ready)."""
+        if (worker.state is WorkerState.STARTING
+                and self.stats.get(worker.slot, Counter.PID) == worker.pid):
+            worker.change_state(WorkerState.RUNNING)  # STARTING -> RUNNING
+            self.count_slots()
+
+    def worker_exited(self, worker: WorkerProcess, status: int) -> None:
+        self.note_ready(worker)  # it may have become ready since the last turn of the loop
+        lost = self.settle_books(worker, slot_has_no_writer=True)
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with status {os.waitstatus_to_exitcode(status)}")
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        pid, worker.pid = worker.pid, 0
         if self.stopping and clean:
-            log.info("worker %d (pid %d) %s", slot, worker.pid, how)
-            worker.state = WorkerState.EXITED  # DRAINING -> EXITED
+            log.info("worker %d (pid %d) %s", worker.slot, pid, how)
         else:
-            log.error("worker %d (pid %d) %s; %d sessions lost", slot, worker.pid, how, lost)
-            self._backoff(worker)
-        worker.pid = 0
+            log.error("worker %d (pid %d) %s; %d sessions lost", worker.slot, pid, how, lost)
+        if self.stopping or worker.ready:
+            # It had been ready: not a crash loop, so it is replaced at once (issue 11).
+            worker.change_state(WorkerState.EXITED)  # RUNNING/DRAINING/HUNG -> EXITED
+        else:
+            self.died_before_ready(worker)
         self.update_title()
 
-    def _backoff(self, worker: WorkerProcess) -> None:
-        now = time.monotonic()
-        if worker.started and now - worker.started < QUICK_DEATH_SECONDS:
-            worker.quick_deaths += 1
+    def died_before_ready(self, worker: WorkerProcess) -> None:
+        """STARTING/HUNG -> BACKOFF, or -> FATAL once the retries are used up."""
+        state = worker.after_pre_ready_death(time.monotonic())
+        delay = worker.respawn_at - time.monotonic()
+        if state is WorkerState.FATAL:
+            log.error("worker %d is FATAL: it died %d times before it was ready; retried "
+                      "every %.0fs", worker.slot, worker.pre_ready_deaths, delay)
         else:
-            worker.quick_deaths = 0
-        delay = 0.0 if not worker.quick_deaths else min(
-            MAX_BACKOFF_SECONDS, 0.5 * 2 ** (worker.quick_deaths - 1))
-        worker.respawn_at = now + delay
-        worker.state = WorkerState.BACKOFF  # STARTING/RUNNING -> BACKOFF
-        if delay:
-            log.error("worker %d restarts in %.1fs (died %d times quickly)", worker.slot, delay,
-                      worker.quick_deaths)
+            log.error("worker %d died before it was ready (%d in a row): restarts in %.1fs",
+                      worker.slot, worker.pre_ready_deaths, delay)
+        self.count_slots()
 
     def manage_workers(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
-            if worker.state is WorkerState.BACKOFF and now >= worker.respawn_at:
+            if worker.state in WAITING_STATES and now >= worker.respawn_at:
                 self.spawn_worker(worker)
+                self.count_slots()
                 self.update_title()
-            elif (worker.state is WorkerState.STARTING
-                  and self.stats.get(worker.slot, Counter.PID) == worker.pid):
-                worker.state = WorkerState.RUNNING  # STARTING -> RUNNING
+            else:
+                self.note_ready(worker)
+        if all(w.state is WorkerState.FATAL for w in self.workers):
+            log.error("every worker slot is FATAL: the supervisor exits")
+            self.exit_status = 1
+            self.begin_stop(1)
+
+    def count_slots(self) -> None:
+        fatal = sum(w.state is WorkerState.FATAL for w in self.workers)
+        if fatal != self.stats.get(SUPERVISOR_SLOT, Counter.FATAL_SLOTS):
+            self.stats.set(SUPERVISOR_SLOT, Counter.FATAL_SLOTS, fatal)
+            self.update_title()
 
     def alive_workers(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w.pid]
@@ -471,10 +539,10 @@ class Supervisor:
             deadline = time.monotonic() + grace + KILL_MARGIN_SECONDS
             self.stop_deadline = min(deadline, self.stop_deadline or deadline)
         for worker in self.workers:
-            if worker.state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.DRAINING):
-                worker.state = WorkerState.DRAINING  # RUNNING -> DRAINING
-            elif worker.state is WorkerState.BACKOFF:
-                worker.state = WorkerState.EXITED  # no respawn while stopping
+            if worker.state in ROUTABLE_STATES:
+                worker.change_state(WorkerState.DRAINING)  # STARTING/RUNNING -> DRAINING
+            elif worker.state in WAITING_STATES - {WorkerState.EXITED}:
+                worker.change_state(WorkerState.EXITED)  # BACKOFF/FATAL: no respawn now
         self.broadcast(Kind.DRAIN, grace)
 
     def murder_stragglers(self) -> None:
@@ -492,7 +560,11 @@ class Supervisor:
     def update_title(self) -> None:
         ports = sorted({s.getsockname()[1] for s in self.sockets + self.tls_sockets})
         alive = len(self.alive_workers())
-        setproctitle(f"iupop3: supervisor [{','.join(map(str, ports))}] {alive} workers")
+        notes = [f"{n} {what}" for n, what in (
+            (sum(w.state is WorkerState.FATAL for w in self.workers), "FATAL"),
+            (len(self.undead), "dead")) if n]
+        extra = f" ({', '.join(notes)})" if notes else ""
+        setproctitle(f"iupop3: supervisor [{','.join(map(str, ports))}] {alive} workers{extra}")
 
     def close(self) -> None:
         for sock in self.sockets + self.tls_sockets:

@@ -15,9 +15,12 @@ import os
 import pwd
 import select
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
+
+from shared import logsetup
 
 READY_TIMEOUT_SECONDS = 60.0
 
@@ -169,6 +172,19 @@ def _wait_for_daemon(read_end: int) -> int:
 
 
 # -- the pid file -------------------------------------------------------------------------------
+def _not_ours(fd: int) -> str | None:
+    """Why an opened pid file may not be written (a planted hard link, a FIFO, another
+    owner's file: root must not write through them), or None."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_nlink != 1:
+        return f"has {info.st_nlink} links"
+    if info.st_uid != os.geteuid():
+        return f"belongs to uid {info.st_uid}"
+    return None
+
+
 class PidFile:
     """The supervisor's pid, under an flock held while it runs: a live lock is a live server.
 
@@ -182,7 +198,14 @@ class PidFile:
         self.pid = 0
 
     def acquire(self) -> "PidFile":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = logsetup.open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            raise DaemonError(f"pid file {self.path}: {exc.strerror}") from None
+        problem = _not_ours(fd)
+        if problem:
+            os.close(fd)
+            raise DaemonError(f"pid file {self.path} {problem}; refusing to write to it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -216,17 +239,17 @@ class PidFile:
 
 
 # -- dropping root ------------------------------------------------------------------------------
-def drop_privileges(identity: Identity, own: list[str]) -> None:
+def drop_privileges(identity: Identity, own_fds: list[int]) -> None:
     """Become ``identity`` for good: no supplementary groups, no way back, no capabilities.
 
-    ``own`` are files the unprivileged processes must go on writing (the log file), handed over
-    before root is given up.
+    ``own_fds`` are open files the unprivileged processes must go on writing (the log file),
+    handed over by descriptor before root is given up: a chown by path would follow whatever
+    the service user planted there meanwhile.
     """
     if os.geteuid() != 0:
         return  # already that user (check_settings allows nothing else): nothing to give up
-    for path in own:
-        if path and os.path.exists(path):
-            os.chown(path, identity.uid, identity.gid)
+    for fd in own_fds:
+        os.fchown(fd, identity.uid, identity.gid)
     os.setgroups([])
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
@@ -260,6 +283,22 @@ def capabilities(pid: int | str = "self") -> dict[str, int]:
             if name.startswith("Cap"):
                 caps[name] = int(value.strip(), 16)
     return caps
+
+
+def needed_after_drop(settings, project_root: str) -> list[tuple[str, int, str]]:
+    """What the unprivileged supervisor and its workers must reach: (path, mode, what)."""
+    log_dir = os.path.dirname(settings.logfile)
+    return [
+        (sys.executable, os.X_OK, "cannot run the worker interpreter"),
+        (os.path.dirname(os.__file__), os.R_OK | os.X_OK, "cannot read the standard library"),
+        (project_root, os.R_OK | os.X_OK, "cannot read the server's code in"),
+        (settings.users, os.R_OK, "cannot read the users file"),
+        (settings.xtnd, os.R_OK, "cannot read the XTND file"),
+        (getattr(settings, "tls_cert", ""), os.R_OK, "cannot read the TLS certificate"),
+        (getattr(settings, "tls_key", ""), os.R_OK, "cannot read the TLS key"),
+        (settings.logfile, os.W_OK, "cannot write the log file"),
+        (log_dir, os.W_OK | os.X_OK, "cannot rotate the log in (it must be writable)"),
+    ]
 
 
 def unreachable(wanted: list[tuple[str, int, str]]) -> list[str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from shared import settings as settings_mod
+from shared import descriptors, settings as settings_mod
 from shared.settings import SettingsError
 from shared.tlsconfig import TlsConfigError, server_context
 from shared.users import UsersFileError, load_users
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         return _fail(str(exc))
     if want_help:
-        sys.stdout.write(settings_mod.help_text())
+        sys.stdout.write(settings_mod.help_text() + _descriptor_note(settings))
         return 0
     problem = daemon.check_settings(settings)
     if problem:
@@ -79,6 +80,14 @@ def _release(pidfile: "daemon.PidFile | None") -> None:
         problem = pidfile.release()
         if problem:
             log.info("%s (the next start takes it over)", problem)
+
+
+def _descriptor_note(settings) -> str:
+    """-help says when -maxclients cannot be served with this machine's descriptor limit."""
+    limit = descriptors.hard_limit()
+    workers = settings.workers or os.cpu_count() or 1
+    problem = descriptors.maxclients_problem(settings.maxclients, workers, limit)
+    return f"\nwarning: {problem}\n" if problem else ""
 
 
 def _print_demo_banner(settings) -> None:

@@ -158,3 +158,33 @@ def test_systemd_unit(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "iupop3.service" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink"])
+def test_link_planted_in_the_service_users_log_directory_is_refused(tmp_path, plant):
+    """Init script with RUN_AS=nobody (it gives the log directory to that user): a symlink or
+    hard link planted at the log path makes start fail with one line; the target is unchanged."""
+    if os.geteuid() != 0:
+        pytest.skip("RUN_AS needs root")
+    if not IUPOP3.exists():
+        pytest.skip(f"{IUPOP3} is not installed (pip install -e .)")
+    script = InitScript(tmp_path, "no")
+    script.env["RUN_AS"] = "nobody"
+    target = tmp_path / "shadow"
+    target.write_text("root:secret\n")
+    os.chmod(target, 0o600)
+    before = target.stat()
+    script.logfile.parent.mkdir(parents=True)
+    if plant == "symlink":
+        script.logfile.symlink_to(target)
+    else:
+        os.link(target, script.logfile)
+    out = script("start")
+    for pid in script.started:
+        kill_group(pid)
+    assert out.returncode != 0, out
+    reason = "symbolic link" if plant == "symlink" else "2 links"
+    assert len(out.stderr.strip().splitlines()) == 1 and reason in out.stderr, out.stderr
+    after = target.stat()
+    assert target.read_text() == "root:secret\n"
+    assert (after.st_uid, after.st_mode) == (before.st_uid, before.st_mode)

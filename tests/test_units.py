@@ -84,7 +84,7 @@ def test_handoff_rejects_surplus_descriptors_and_closes_them():
     """Two fds on a frame is an error and neither leaks into the receiver."""
     a, b = handoff.channel_pair()
     r, w = os.pipe()
-    data = handoff.HEADER.pack(handoff.MAGIC, handoff.VERSION, Kind.CONNECTION, 0, 0)
+    data = handoff.HEADER.pack(handoff.MAGIC, handoff.VERSION, Kind.CONNECTION, 0, 0, 0)
     a.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(handoff.HandoffError, match="2 descriptors"):

@@ -15,7 +15,6 @@ import time
 from gevent import GreenletExit, Timeout
 
 from shared.addresses import is_loopback
-from shared.handoff import Kind
 from shared.logsetup import THREAD
 from shared.stats import Counter
 from worker import replies as R
@@ -145,9 +144,7 @@ class Connection:
                                 self.limits.log_repeats.suppressed)
             ctx.stats.count(outcome)
             ctx.stats.count(Counter.CURRENT, -1)
-            if ctx.settings.max_per_address:
-                ctx.supervisor.tell(Kind.CLOSED, ctx.keys.address(self.address))
-            self.sock.close()
+            self.sock.close()  # the worker tells the supervisor (worker/main.py Worker.serve)
 
     def _read_loop(self) -> None:
         session = self.session

@@ -19,10 +19,10 @@ import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
 
-from shared import handoff, logsetup, refusal, settings as settings_mod
+from shared import descriptors, handoff, logsetup, refusal, settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
-from shared.stats import Counter, Header, StatsArea
+from shared.stats import TICK_SECONDS, Counter, Header, StatsArea
 from shared.users import UsersFileError, load_users
 from worker import xtnd
 from worker.connection import Connection
@@ -32,7 +32,6 @@ from worker.supervisorlink import SupervisorLink
 
 CHANNEL_FD = 3
 STATS_FD = 4
-TICK_SECONDS = 1.0
 
 
 class Worker:
@@ -52,8 +51,14 @@ class Worker:
         self.serial = 0
         self.handler = handler  # the log file's handler (None when logging to stdout)
         self.reloader = reloader
+        link.on_broken = self.channel_ended
 
     def run(self) -> int:
+        self.parent = os.getppid()
+        self.exit_status = 0
+        self.pool_probe = None
+        hub = gevent.get_hub()
+        hub.print_exception = self._log_greenlet_error  # never raw tracebacks on stderr
         self.stats.set(self.slot, Counter.PID, os.getpid())
         # The slot's CURRENT belongs to this process now (the supervisor zeroed it on a reap).
         self.stats.set(self.slot, Counter.CURRENT, 0)
@@ -61,6 +66,8 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
         ticker = gevent.spawn(self.tick)
         receiver = gevent.spawn(self.receive)
+        for essential in (ticker, receiver):
+            essential.link_exception(self._essential_died)
         self.reloader.watch()
         log.info("worker %d ready, pid %d", self.slot, os.getpid())
         self.drain_started.wait()
@@ -69,21 +76,37 @@ class Worker:
         ticker.kill()
         self.reloader.stop()
         log.info("worker %d exits", self.slot)
-        return 0
+        return self.exit_status
+
+    def _essential_died(self, greenlet) -> None:
+        """A receiver or ticker that died would leave the worker half alive: end it instead."""
+        log.error("worker %d: internal error, %s", self.slot, greenlet.exception,
+                  exc_info=greenlet.exc_info if any(greenlet.exc_info) else None)
+        self.exit_status = 1
+        self.begin_drain(self.settings.grace or self.settings.timeout)
+
+    def _log_greenlet_error(self, context, kind, value, tb) -> None:
+        """gevent's hub reports a greenlet's uncaught exception here: into the log format."""
+        if kind is not None and issubclass(kind, (gevent.GreenletExit, KeyboardInterrupt)):
+            return
+        log.error("uncaught error in %s", context, exc_info=(kind, value, tb))
 
     def receive(self) -> None:
-        """Take frames from the supervisor until it goes away."""
+        """Take frames from the supervisor until the channel ends, however it ends."""
         while True:
             try:
                 frame = handoff.recv_frame(self.channel)
-            except handoff.HandoffError as exc:
-                log.error("bad frame from supervisor: %s", exc)
-                frame = None
+            except handoff.DescriptorDropped as exc:
+                self.descriptor_dropped(exc.frame)
+                continue
+            except (handoff.HandoffError, OSError) as exc:
+                # EOF, ECONNRESET and a bad frame end the channel alike (issue 11).
+                self.channel_ended(f"bad frame from the supervisor: {exc}"
+                                   if isinstance(exc, handoff.HandoffError) else
+                                   f"channel error: {exc.strerror or exc}")
+                return
             if frame is None:
-                self.supervisor_gone = True
-                if not self.draining:
-                    log.info("supervisor gone: finishing %d sessions", len(self.sessions))
-                self.begin_drain(0)
+                self.channel_ended("supervisor gone")
                 return
             try:
                 self.dispatch(frame)
@@ -95,18 +118,34 @@ class Worker:
             # After, so a LOGLEVEL frame is logged at the level it sets.
             log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
 
+    def channel_ended(self, why: str) -> None:
+        """The one way out when the supervisor can no longer be heard: drain within -grace."""
+        if self.supervisor_gone:
+            return
+        self.supervisor_gone = True
+        log.info("%s: finishing %d sessions", why, len(self.sessions))
+        self.begin_drain(self.settings.grace or self.settings.timeout)
+
+    def descriptor_dropped(self, frame: handoff.Frame) -> None:
+        """No free descriptor when a connection arrived (MSG_CTRUNC): that one connection is
+        lost, counted, and its address slot given back; the worker goes on."""
+        log.error("a connection was lost: no free descriptor to receive it (MSG_CTRUNC)")
+        self.stats.add(self.slot, Counter.RECEIVED)
+        self.stats.add(self.slot, Counter.TRUNCATED)
+        self.stats.add(self.slot, Counter.ABNORMAL)
+        self.address_closed(frame.address)
+
     def dispatch(self, frame: handoff.Frame) -> None:
         if frame.kind is Kind.CONNECTION:
             if self.draining:
                 # Raced with our drain: say so, and give the address its slot back.
                 self.stats.add(self.slot, Counter.RECEIVED)
-                self.refuse(frame.fd)
+                self.refuse(frame.fd, frame.address)
                 return
-            sock = gevent.socket.socket(fileno=frame.fd)
             self.serial += 1
             session_id = f"w{self.slot}.{self.serial}"
             implicit_tls = frame.argument == handoff.IMPLICIT_TLS
-            self.sessions.spawn(self.serve, Connection(sock, self.ctx, session_id, implicit_tls))
+            self.sessions.spawn(self.serve, frame.fd, frame.address, session_id, implicit_tls)
         elif frame.kind is Kind.DRAIN:
             self.begin_drain(frame.argument)
         elif frame.kind is Kind.LOGLEVEL:
@@ -120,27 +159,37 @@ class Worker:
             log.info("reload requested")
             self.reloader.reload_all("reload request")
 
-    def refuse(self, fd: int) -> None:
+    def refuse(self, fd: int, address_key: int) -> None:
         sock = stdsocket.socket(fileno=fd)
         try:
-            address = sock.getpeername()[0]
             sock.send(refusal.SHUTTING_DOWN, stdsocket.MSG_DONTWAIT | stdsocket.MSG_NOSIGNAL)
-        except (OSError, IndexError):
-            address = ""
+        except OSError:
+            pass
         finally:
             sock.close()
-        if self.settings.max_per_address:
-            self.tell_supervisor(Kind.CLOSED, self.ctx.keys.address(address))
+        self.address_closed(address_key)
 
-    def serve(self, connection: Connection) -> None:
+    def serve(self, fd: int, address_key: int, session_id: str, implicit_tls: bool) -> None:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
         # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
         # never misses a session that waits for its greenlet, so -maxclients stays exact.
-        connection.serve()
+        try:
+            sock = gevent.socket.socket(fileno=fd)
+            Connection(sock, self.ctx, session_id, implicit_tls).serve()
+        finally:
+            # The supervisor's own key for the address, even if the client reset before its
+            # address could be read here (issue 10), so its per-address count comes down.
+            self.address_closed(address_key)
 
-    def tell_supervisor(self, kind: Kind, argument: int = 0) -> bool:
+    def address_closed(self, address_key: int) -> None:
+        if self.settings.max_per_address:
+            self.tell_supervisor(Kind.CLOSED, address=address_key)
+
+    def tell_supervisor(self, kind: Kind, argument: int = 0, address: int = 0) -> bool:
         """Send a frame up the channel (DRAINING, CLOSED); False if it cannot go."""
-        return self.link.tell(kind, argument)
+        if self.supervisor_gone:
+            return False
+        return self.link.tell(kind, argument, address)
 
     def begin_drain(self, deadline_seconds: int = 0) -> None:
         """Stop taking work; sessions get ``deadline_seconds`` (0 = as long as they need)."""
@@ -166,9 +215,17 @@ class Worker:
                 break
 
     def tick(self) -> None:
+        """The heartbeats the supervisor's watchdog reads, the title, the log flush, and a
+        check that the parent is still the supervisor that started us."""
         shown = None
+        capacity = descriptors.session_capacity(descriptors.soft_limit(),
+                                                descriptors.open_count())
+        self.stats.set(self.slot, Counter.CAPACITY, capacity)
         while True:
-            self.stats.set(self.slot, Counter.HEARTBEAT, int(time.monotonic()))
+            self.stats.set(self.slot, Counter.HEARTBEAT, int(time.monotonic() * 1000))
+            self.probe_pool()
+            if os.getppid() != self.parent:
+                self.channel_ended("the supervisor is gone (the parent process changed)")
             current = len(self.sessions)
             if current != shown:
                 setproctitle(f"iupop3: worker {self.slot} [{current} sessions]")
@@ -176,6 +233,15 @@ class Worker:
             if self.handler is not None:
                 self.handler.flush_if_due()
             gevent.sleep(TICK_SECONDS)
+
+    def probe_pool(self) -> None:
+        """Queue a no-op in the thread pool unless the last one is still waiting: its run
+        stamps POOL_BEAT, so a pool whose threads are all stuck while work waits goes stale."""
+        if self.pool_probe is not None and not self.pool_probe.ready():
+            return
+        stats, slot = self.stats, self.slot
+        self.pool_probe = gevent.get_hub().threadpool.spawn(
+            lambda: stats.set(slot, Counter.POOL_BEAT, int(time.monotonic() * 1000)))
 
 
 def in_threadpool(hub, function, *args):

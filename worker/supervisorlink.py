@@ -5,6 +5,7 @@ a session's end for -max-per-address, DRAINING). Built in worker/main.py around 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 from shared import handoff
 from shared.handoff import Kind
@@ -14,15 +15,20 @@ from shared.logsetup import log
 class SupervisorLink:
     def __init__(self, channel: socket.socket | None):
         self.channel = channel
+        # Told why when the channel broke on a send (EPIPE, ECONNRESET): the worker drains
+        # the same way as when its receive loop reads the end (issue 11 item 6).
+        self.on_broken: Callable[[str], None] | None = None
 
-    def tell(self, kind: Kind, argument: int = 0) -> bool:
+    def tell(self, kind: Kind, argument: int = 0, address: int = 0) -> bool:
         """Send a frame to the supervisor; False if it cannot go (the caller says so)."""
         if self.channel is None:
             return False
         try:
-            handoff.send_frame(self.channel, kind, argument)
+            handoff.send_frame(self.channel, kind, argument, address=address)
         except OSError as exc:
             log.error("cannot tell the supervisor %s: %s", kind.name, exc)
+            if not isinstance(exc, BlockingIOError) and self.on_broken is not None:
+                self.on_broken(f"channel error: {exc.strerror or exc}")
             return False
         return True
 
