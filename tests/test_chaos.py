@@ -3,7 +3,9 @@ delivering at the same time, kill -9 of random workers; then every message is lo
 
 Each message carries a unique Message-ID, so the test knows where it must be: in the inbox or
 the wastebasket exactly once, in the wastebasket only if a session that sent QUIT deleted it,
-and there for sure if that session got +OK. Figures are printed, not asserted.
+and there for sure if that session got +OK. Figures are printed, not asserted. One known gap,
+pinned by a strict xfail below: an mbox UPDATE killed between its wastebasket append and its
+rename leaves the deleted message in both files; the storm test counts those apart.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import os
 import poplib
 import random
 import re
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import USERS
+from conftest import ROOT, USERS
 from processes import stat, wait_until
 
 STORM_SECONDS = 12.0        # kills, deliveries and sessions all run this long
@@ -342,7 +347,10 @@ def check_disk(store: str, mail: Path, ledger: Ledger) -> dict[str, int]:
         cut_in_update = mid in outcomes.get("quit sent", set())
         total = where["inbox"] + where["wastebasket"]
         if total != 1 and store == "mbox" and cut_in_update and where["inbox"] <= 1 <= total:
-            explained += 1  # worker.mbox: a crash in UPDATE leaves a copy in both, never neither
+            # worker.mbox: a crash in UPDATE leaves a copy in both, never in neither; pinned
+            # by test_mbox_kill_in_update_leaves_each_message_once (strict xfail): once that
+            # passes, drop this exception.
+            explained += 1
             continue
         assert total == 1, (mid, user, dict(where))
         quit_sent = mid in outcomes.get("committed", set()) | outcomes.get("quit sent", set())
@@ -453,3 +461,39 @@ def test_every_user_served_within_2s_after_a_kill_storm(start_server):
     print(f"\nkill storm: {len(ledger.kills)} kills; every user served again:"
           f" {served} {time.monotonic() - last_kill:.2f}s after the last kill")
     assert served
+
+
+@pytest.mark.xfail(strict=True, reason="worker.mbox appends deleted mail to the wastebasket, "
+                   "then copies and renames the spool; nothing undoes the append after a crash "
+                   "in between, so the message is in both (seen in the chaos test's mbox runs)")
+def test_mbox_kill_in_update_leaves_each_message_once(start_server, tmp_path):
+    """kill -9 of an mbox UPDATE after the wastebasket append, before the rename: after the next
+    session every message is in the spool or in the wastebasket, exactly once."""
+    from test_faults import CRASHER  # commits in a child that stops at the named stage
+
+    root = tmp_path / "crash"
+    spool_dir = root / "spool"
+    spool_dir.mkdir(parents=True)
+    spool = spool_dir / "alice"
+    rng = random.Random(3)
+    messages = [chaos_message("crash", n, "alice", rng)[1] for n in range(6)]
+    spool.write_bytes(b"".join(b"From mda@example.org Thu Nov 26 10:00:00 2026\n"
+                               + QUOTED_FROM.sub(rb">\1", m) + b"\n" for m in messages))
+    child = subprocess.Popen([sys.executable, "-c", CRASHER, str(spool), "appended", "1", "1,3"],
+                             stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert select.select([child.stdout], [], [], 30)[0]
+        assert child.stdout.readline() == b"stopped\n"
+    finally:
+        child.kill()
+        child.wait()
+    server = start_server("-mail", f"mbox:{spool_dir}/%u", root=root, deliver=False)
+    client = server.login("alice")
+    assert client.stat()[0] in (4, 6)  # the old spool, or the new one if the crash is undone
+    assert client.quit().startswith(b"+OK")
+    server.stop()
+    stored = on_disk("mbox", spool_dir, "alice")
+    copies = Counter(stored["inbox"] + stored["wastebasket"])
+    print(f"\nmbox kill in UPDATE: copies of the 6 messages on disk:"
+          f" {[copies[m] for m in messages]}")
+    assert [copies[m] for m in messages] == [1] * 6
