@@ -453,6 +453,8 @@ def test_every_user_served_within_2s_after_a_kill_storm(start_server):
     ledger = Ledger()
     for _ in range(4):
         assert wait_until(lambda: len(ready_workers(server, ledger)) == 2, 60)
+        # Sessions served after "ready": the supervisor's loop has seen the workers up too.
+        assert wait_until(lambda: everyone_served(server), 30)
         for pid in ready_workers(server, ledger).values():
             kill_worker(server, pid, ledger)
     last_kill = ledger.kills[-1]
