@@ -443,9 +443,6 @@ def test_chaos_keeps_every_message(start_server, tmp_path, store):
     assert ledger.kills and outcomes["committed"] >= len(USERS)  # the harness did run
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 1: a worker killed soon after it became "
-                   "ready counts as 'died quickly' and its respawn backs off (0.5, 1, 2, 4 s...),"
-                   " so after a storm logins get 'no worker can take the session' for seconds")
 def test_every_user_served_within_2s_after_a_kill_storm(start_server):
     """Four rounds of kill -9 of every ready worker: every user is served again within 2 s of
     the last kill (a worker that became ready is not in a crash loop)."""
