@@ -13,11 +13,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-import socket
 import threading
 import time
-
-import pytest
 
 from conftest import USERS, RawClient
 from worker import replies as R
