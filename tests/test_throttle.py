@@ -13,11 +13,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-import socket
 import threading
 import time
-
-import pytest
 
 from conftest import USERS, RawClient
 from worker import replies as R
@@ -110,7 +107,10 @@ def test_early_hang_up_and_parallel_connections_gain_no_guesses(start_server):
     deferred = sum(a == R.LOGIN_DEFERRED.encode() for a in answers)
     print(f"20 parallel connections: {len(answers)} answers, {deferred} deferred unchecked")
     assert own_login and own_login[0][0] == R.LOGIN_OK.encode()
-    bound = max(waiting * 1.5, waiting + 2 / PHASE_SECONDS)
+    # The waiting guesser's rate is this run's yardstick; the server spaces one user's checks a
+    # penalty (1 s) apart, so a busy machine can only lower the others (an edge check or two
+    # aside). Before this defence: 1.0 waiting, 18.7 hanging up, 20.0 with 20 connections.
+    bound = max(waiting * 1.5, 1.0) + 2 / PHASE_SECONDS
     assert hanging_up <= bound, (waiting, hanging_up)
     assert parallel <= bound, (waiting, parallel)
 

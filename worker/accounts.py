@@ -10,6 +10,7 @@ each load, so an account with a costlier hash than the unknown-user dummy is not
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -28,23 +29,28 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
-def slowest_check(stored_hashes: Iterable[str]) -> float:
-    """Seconds the costliest of the given hashes' (scheme, cost) classes takes to check a wrong
-    password (a dummy of each class, so no real hash is tried); blocking work."""
-    classes = collections.Counter()
+@functools.lru_cache(maxsize=4096)
+def _cost(stored: str) -> passwords.Cost | None:
+    return passwords.cost_of(stored)
+
+
+def check_times(stored_hashes: Iterable[str]) -> dict[passwords.Cost, float]:
+    """Seconds each (scheme, cost) class of the given hashes takes to check a wrong password
+    (a dummy of the class, so no real hash is tried); blocking work."""
+    classes: collections.Counter[passwords.Cost] = collections.Counter()
     example: dict[passwords.Cost, str] = {}
     for stored in stored_hashes:
         cost = passwords.cost_of(stored)
         if cost is not None and not passwords.is_cheap(stored):
             classes[cost] += 1
             example.setdefault(cost, stored)
-    slowest = 0.0
+    times = {}
     for cost, _ in classes.most_common(MAX_COST_CLASSES):
         dummy = passwords.dummy_like(example[cost])
         started = time.perf_counter()
         passwords.verify(dummy, b"not the password")
-        slowest = max(slowest, time.perf_counter() - started)
-    return slowest
+        times[cost] = time.perf_counter() - started
+    return times
 
 
 class Accounts:
@@ -58,14 +64,21 @@ class Accounts:
         self.hostname = hostname
         self._apop_serial = 0
         self.users: dict[str, Account] = {}
-        self.slowest = 0.0  # seconds a failed check is padded to
+        # Seconds a check of each (scheme, cost) class takes: measured at load, then a moving
+        # average of the checks made (thread-pool queueing and the machine's load included).
+        self._times: dict[passwords.Cost, float] = {}
         self._install(users)
 
     def _install(self, users: dict[str, Account]) -> None:
         hashes = [a.password for a in users.values()] + [getattr(users, "dummy", passwords.DUMMY)]
-        slowest = self._offload(slowest_check, hashes)
+        times = self._offload(check_times, hashes)
         # One assignment each: a session sees the old table or the new one.
-        self.users, self.slowest = users, slowest
+        self.users, self._times = users, times
+
+    @property
+    def slowest(self) -> float:
+        """Seconds a failed check is padded to: the slowest class in use."""
+        return max(self._times.values(), default=0.0)
 
     def paths(self) -> tuple[str, ...]:
         return (self.path,) if self.path else ()
@@ -99,16 +112,16 @@ class Accounts:
             good = passwords.verify(stored, password)
         else:  # crypt, bcrypt, argon2: milliseconds, in a thread that releases the GIL
             good = self._offload(passwords.verify, stored, password)
+        elapsed = time.perf_counter() - started
+        cost = _cost(stored)
+        if cost in self._times:
+            self._times[cost] = 0.8 * self._times[cost] + 0.2 * elapsed
         if not good or account is None or not account.accessible:
-            self._pad(started)
+            left = self.slowest - elapsed  # a failure lasts as long as the slowest class's check
+            if left > 0:
+                self._sleep(left)
             return None
         return account
-
-    def _pad(self, started: float) -> None:
-        """Make a failure last as long as a check of the slowest class in use."""
-        left = self.slowest - (time.perf_counter() - started)
-        if left > 0:
-            self._sleep(left)
 
     def apop_timestamp(self) -> str:
         """A greeting timestamp unique to this session (RFC 1939 section 7)."""

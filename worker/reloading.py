@@ -61,7 +61,11 @@ class Reloader:
                 self.observer.schedule(_FileEvents(names, poke), directory, recursive=False)
             except OSError as exc:  # a directory gone since startup: SIGHUP still works
                 log.error("cannot watch %s for changes: %s", directory, exc)
-        self.observer.start()
+        try:
+            self.observer.start()
+        except OSError as exc:  # inotify instances or watches used up: SIGHUP still works
+            log.error("cannot watch files for changes (%s); reload with SIGHUP", exc)
+            self.observer = None
 
     def _changed(self, index: int) -> None:
         # In the event loop now (run_callback_threadsafe); restart the quiet period.
