@@ -272,14 +272,21 @@ class Session:
         self.continuation = step
         self._write(f"+ {text}\r\n".encode())
 
+    def _wait_penalty(self, user: str, seconds: float) -> None:
+        """Wait out a failed-login penalty before any answer; it does not count against
+        -login-timeout (the wait is the server's doing, not the client's)."""
+        if seconds:
+            self.log.debug("login for %s waits %.1fs: recent failures", user, seconds)
+            with self.limits.login.paused():
+                self.ctx.sleep(seconds)
+
     def _sasl_failed(self, user: str | None) -> None:
         """A response that names no password to check: it pays the address's penalty only."""
         admission = self.ctx.guard.admit(self.address, None)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
-        if admission.wait:
-            self.ctx.sleep(admission.wait)
+        self._wait_penalty(user or "", admission.wait)
         self._login_failed(user or "", R.SASL_FAILED if user else R.SASL_MALFORMED,
                            admission.wait)
 
@@ -329,10 +336,7 @@ class Session:
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
-        if admission.wait:
-            self.log.debug("login for %s waits %.1fs: recent failures", user, admission.wait)
-            with self.limits.login.paused():  # a penalty does not count against -login-timeout
-                self.ctx.sleep(admission.wait)
+        self._wait_penalty(user, admission.wait)
         if admission.outcome is Outcome.DEFERRED:
             self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
