@@ -106,7 +106,7 @@ def stored(folder: Path) -> dict[str, bytes]:
     return found
 
 
-def check_arrived(delivered: bytes, m: Mail, log: str, client_head: re.Pattern[bytes]) -> bytes:
+def check_arrived(delivered: bytes, m: Mail, server, client_head: re.Pattern[bytes]) -> bytes:
     """``delivered`` is ``m`` as served, byte for byte, after the client's own header lines;
     its X-POP3-ID has the fixed width and names a line in the server's log. Returns the ID."""
     added = client_head.match(delivered)
@@ -117,7 +117,7 @@ def check_arrived(delivered: bytes, m: Mail, log: str, client_head: re.Pattern[b
     xid = found.group(1)
     assert len(xid) == ID_WIDTH
     assert rest == m.served(xid), (m.name, rest[:600])
-    assert f"X-POP3-ID {xid.decode()}" in log
+    server.wait_for(re.escape(f"X-POP3-ID {xid.decode()}"))  # the drain thread may lag
     return xid
 
 
@@ -173,8 +173,7 @@ def test_fetchmail_download_and_delete(start_server, tmp_path, purge):
     assert status == 0
     assert sorted(got) == sorted(m.msgid for m in mails)
     for m in mails:
-        check_arrived(got[m.msgid], m, server.output, RECEIVED)
-    # The fixture reads the server's output on its own thread: wait for the line, never race it.
+        check_arrived(got[m.msgid], m, server, RECEIVED)
     server.wait_for(r"THREAD worker-1 \S+ update: 6 messages deleted, 1 of them foreign")
 
     assert stored(box) == {}
@@ -205,7 +204,7 @@ def test_fetchmail_leave_on_server_with_uidl(start_server, tmp_path):
     assert status == 0
     assert sorted(got) == sorted(m.msgid for m in mails)
     for m in mails:
-        check_arrived(got[m.msgid], m, server.output, RECEIVED)
+        check_arrived(got[m.msgid], m, server, RECEIVED)
     assert stored(box) == disk
     ids = client.idfile.read_text().split()
     assert sorted(ids[1::2]) == sorted(m.name for m in mails)
@@ -221,7 +220,7 @@ def test_fetchmail_leave_on_server_with_uidl(start_server, tmp_path):
     status, got = client.run(server)
     assert status == 0
     assert list(got) == [new.msgid]
-    check_arrived(got[new.msgid], new, server.output, RECEIVED)
+    check_arrived(got[new.msgid], new, server, RECEIVED)
     assert stored(box) == disk
 
     status, got = client.run(server)
@@ -242,7 +241,7 @@ def test_fetchmail_maxmsg_two_of_five_oldest_first(start_server, tmp_path):
         assert status == 0
         assert sorted(got) == sorted(m.msgid for m in batch)
         for m in batch:
-            check_arrived(got[m.msgid], m, server.output, RECEIVED)
+            check_arrived(got[m.msgid], m, server, RECEIVED)
         left = mails[mails.index(batch[-1]) + 1:]
         assert sorted(stored(box)) == sorted(f"new/{m.name}" for m in left)
     assert client.run(server) == (1, {})
@@ -330,7 +329,7 @@ def test_getmail_leave_on_server_with_uidl(start_server, tmp_path):
             want_head, _, want_body = m.served(xid).partition(b"\n\n")
             assert body == want_body, m.name
             assert fields == _fields(want_head), m.name
-            assert f"X-POP3-ID {xid.decode()}" in server.output
+            server.wait_for(re.escape(f"X-POP3-ID {xid.decode()}"))
         assert stored(box) == {**disk, f"new/{new.name}": new.data}
     finally:
         shutil.rmtree(outside, ignore_errors=True)
@@ -361,5 +360,5 @@ def test_curl_list_uidl_and_retr_match_stored_bytes(start_server, tmp_path):
         xid = XID.search(data.replace(b"\r\n", b"\n")).group(1)
         assert data == m.served(xid).replace(b"\n", b"\r\n"), m.name
         assert len(data) == int(size), m.name
-        assert re.search(rf"THREAD worker-1 \S+ RETR {number} uid {re.escape(m.name)}, "
-                         rf"{size} octets, X-POP3-ID {xid.decode()}", server.output)
+        server.wait_for(rf"THREAD worker-1 \S+ RETR {number} uid {re.escape(m.name)}, "
+                        rf"{size} octets, X-POP3-ID {xid.decode()}")
