@@ -252,6 +252,10 @@ SETTINGS: tuple[Setting, ...] = (
             "also listen on ADDR:PORT for connections that begin with a PROXY header (a "
             "balancer's), while the POP3 port stays direct", flag="proxy-listen",
             validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
+    Setting("proxy_tls_listen", "list", (),
+            "also listen on ADDR:PORT for implicit TLS (needs -tls-cert) behind a PROXY header: "
+            "a balancer passing port 995 through", flag="proxy-tls-listen",
+            validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
     Setting("xclient", "bool", False,
             "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) from -trusted-networks peers "
             "before login; their greeting starts +OK [XCLIENT]"),

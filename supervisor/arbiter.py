@@ -76,7 +76,8 @@ class Supervisor(HeartbeatWatch):
             # With -port 0 (tests) every listener takes a free port; each is logged.
             tls_port = self.settings.tls_port if self.settings.port else 0
             self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
-        self.sockets += self.intake.bind(self.sockets, self.tls_sockets)  # -proxy-listen
+        proxy_plain, proxy_tls = self.intake.bind(self.sockets, self.tls_sockets)
+        self.sockets, self.tls_sockets = self.sockets + proxy_plain, self.tls_sockets + proxy_tls
         self.drop_privileges()  # after binding (port 110 wants root), before any worker
         self.check_descriptor_limit()
         self.stats = StatsArea.create(2 * self.nworkers + 1, int(time.time()))

@@ -50,19 +50,23 @@ class ProxyIntake:
         self.listeners: set[int] = set()  # descriptors of listeners that expect a header
         self.pending: dict[int, Pending] = {}
 
-    def bind(self, pop3: list[socket.socket], tls: list[socket.socket]) -> list[socket.socket]:
-        """Bind ``-proxy-listen`` (returned: plain POP3 listeners) and note which listeners
-        expect a header: those, and all of them with ``-proxy-protocol``."""
-        extra: list[socket.socket] = []
+    def bind(self, pop3: list[socket.socket],
+             tls: list[socket.socket]) -> tuple[list[socket.socket], list[socket.socket]]:
+        """Bind ``-proxy-listen`` and ``-proxy-tls-listen`` (returned: more POP3 and TLS
+        listeners) and note which listeners expect a header: those, and all of them with
+        ``-proxy-protocol``."""
+        extra: tuple[list[socket.socket], list[socket.socket]] = ([], [])
         try:
-            for endpoint in self.settings.proxy_listen:
-                host, port = parse_endpoint(endpoint)
-                extra += listeners.bind_all((host,), port)
+            for endpoints, into in ((self.settings.proxy_listen, extra[0]),
+                                    (self.settings.proxy_tls_listen, extra[1])):
+                for endpoint in endpoints:
+                    host, port = parse_endpoint(endpoint)
+                    into.extend(listeners.bind_all((host,), port))
         except BaseException:
-            for sock in extra:
+            for sock in extra[0] + extra[1]:
                 sock.close()
             raise
-        expecting = extra + (pop3 + tls if self.settings.proxy_protocol else [])
+        expecting = extra[0] + extra[1] + (pop3 + tls if self.settings.proxy_protocol else [])
         self.listeners = {sock.fileno() for sock in expecting}
         if expecting:
             log.info("PROXY protocol header expected on %s from %s",
