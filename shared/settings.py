@@ -374,6 +374,8 @@ def help_text(prog: str = "iupop3") -> str:
             "int": "N", "path": "FILE", "list": "ADDR", "networks": "CIDR...",
             "choice": "LEVEL"}.get(s.kind, "VALUE"))
         lines.append(f"  {s.option + arg:<22} {s.help} [default: {s.default_text()}]")
+    lines.append(f"  {'-check-config':<22} check the settings and the files they name as a "
+                 "start would, print the effective settings, exit (0, or 2 and the error)")
     lines.append(f"  {'-help':<22} this text")
     return "\n".join(lines) + "\n"
 
@@ -398,12 +400,12 @@ def example_toml() -> str:
         if s.name in ("demo", "state"):
             continue
         out.append(f"# {s.help}")
-        out.append(f"#{s.name} = {_toml_value(s.default)}")
+        out.append(f"#{s.name} = {toml_value(s.default)}")
         out.append("")
     return "\n".join(out)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (tuple, list)):
