@@ -230,7 +230,8 @@ def test_local_is_direct_and_ssl_flag_counts_as_tls(start_server):
 
 def test_implicit_tls_and_a_separate_proxy_port(start_server, tmp_path):
     """-proxy-listen and -proxy-tls-listen take headers (the TLS one before the handshake)
-    while the POP3 port stays direct for administrators."""
+    while the POP3 port stays direct for administrators (where a PROXY line is an unknown
+    command, never believed)."""
     cert, key = make_cert(tmp_path)
     server = start_server("-trusted-networks", "127.0.0.1", "-tls-cert", str(cert), "-tls-key",
                           str(key), "-proxy-listen", "127.0.0.1:0",
@@ -239,7 +240,8 @@ def test_implicit_tls_and_a_separate_proxy_port(start_server, tmp_path):
                             r"127\.0\.0\.1:(\d+) from 127\.0\.0\.1/32")
     plain_port, tls_port = int(match.group(1)), int(match.group(2))
     direct = server.raw()
-    assert direct.line().startswith(b"+OK")  # no header wanted here
+    assert direct.line().startswith(b"+OK")  # no header wanted here, and none believed:
+    assert direct.command("PROXY TCP4 192.0.2.66 127.0.0.1 1 110") == R.UNKNOWN_COMMAND.encode()
     sock = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
     sock.sendall(v2_header(("192.0.2.7", 6000)))
     context = ssl.create_default_context(cafile=str(cert))
@@ -256,6 +258,7 @@ def test_implicit_tls_and_a_separate_proxy_port(start_server, tmp_path):
     plain.close()
     server.wait_for(r"connect from 192\.0\.2\.8:6001")
     direct.command("QUIT")
+    assert "192.0.2.66" not in server.output.replace("PROXY TCP4 192.0.2.66", "")
 
 
 @pytest.mark.parametrize("args, message", [
