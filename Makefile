@@ -2,14 +2,14 @@
 #
 #   make test           python3 dev.py test (the whole suite; ARGS="-k attack --long" passes options)
 #   make run            python3 dev.py run (the embedded demo on port 1110)
-#   make fuzz           coverage-guided fuzzing of the command parser and the mbox parser with
+#   make fuzz           coverage-guided fuzzing of the command, mbox and PROXY header parsers with
 #                       atheris (installed into .venv if missing), FUZZ_SECONDS per harness
 
 PYTHON ?= python3
 VENV_PYTHON := .venv/bin/python
 FUZZ_SECONDS ?= 60
 FUZZ_CORPUS ?= $(or $(TMPDIR),/tmp)/iupop3-fuzz
-HARNESSES := session mbox
+HARNESSES := session mbox proxy
 
 .PHONY: test run fuzz
 

@@ -25,10 +25,11 @@ VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 # passwd: the system-account tests (useradd, chage); ip and unshare: the admin client test builds
 # a private network namespace (a non-loopback address that still never leaves the machine);
-# fail2ban-regex checks etc/fail2ban.
+# fail2ban-regex checks etc/fail2ban; haproxy runs etc/haproxy/iupop3.cfg in front of two nodes.
 TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl",
                         "useradd": "passwd", "chage": "passwd", "ip": "iproute2",
-                        "unshare": "util-linux", "fail2ban-regex": "fail2ban"}
+                        "unshare": "util-linux", "fail2ban-regex": "fail2ban",
+                        "haproxy": "haproxy"}
 
 
 def say(text: str) -> None:

@@ -14,9 +14,14 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-HEADER = struct.Struct("!4sBBHQQ")  # magic, version, kind, spare, argument, address key
+from shared.proxyprotocol import MAX_HEADER
+
+HEADER = struct.Struct("!4sBBHQQ")  # magic, version, kind, payload length, argument, address key
 MAGIC = b"IUP3"
-VERSION = 2
+VERSION = 3
+# A CONNECTION frame may carry the client's PROXY header after the fixed part (the supervisor
+# read it, the worker parses it: shared/proxyprotocol.py); no other frame has a payload.
+MAX_PAYLOAD = MAX_HEADER
 _FD_ROOM = 4  # room for surplus descriptors, which are closed, so none leaks
 
 
@@ -61,12 +66,15 @@ class Frame:
     # names the same key when the session ends, even if the client reset before it could read
     # its peer's address, so the supervisor's per-address count always comes back down.
     address: int = 0
+    payload: bytes = b""  # CONNECTION: the PROXY header the client's connection began with
 
 
 def send_frame(sock: socket.socket, kind: Kind, argument: int = 0, fd: int | None = None,
-               flags: int = 0, address: int = 0) -> None:
+               flags: int = 0, address: int = 0, payload: bytes = b"") -> None:
     """Send one frame; the caller still owns ``fd`` and closes it once this returns."""
-    data = HEADER.pack(MAGIC, VERSION, kind, 0, argument, address)
+    if len(payload) > MAX_PAYLOAD or (payload and kind is not Kind.CONNECTION):
+        raise HandoffError(f"no room for a payload of {len(payload)} bytes in {kind.name}")
+    data = HEADER.pack(MAGIC, VERSION, kind, len(payload), argument, address) + payload
     ancillary = []
     if fd is not None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
@@ -79,24 +87,29 @@ def recv_frame(sock: socket.socket) -> Frame | None:
     """Receive one frame; None when the peer has gone (empty read)."""
     fds = array.array("i")
     data, ancdata, msg_flags, _ = sock.recvmsg(
-        HEADER.size, socket.CMSG_SPACE(_FD_ROOM * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+        HEADER.size + MAX_PAYLOAD, socket.CMSG_SPACE(_FD_ROOM * fds.itemsize),
+        socket.MSG_CMSG_CLOEXEC)
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
     if not data and not fds and not msg_flags & socket.MSG_CTRUNC:
         return None
-    if len(data) != HEADER.size or msg_flags & socket.MSG_TRUNC:
+    if len(data) < HEADER.size or msg_flags & socket.MSG_TRUNC:
         _close_all(fds)
         raise HandoffError(f"bad frame length {len(data)}")
-    magic, version, kind, _, argument, address = HEADER.unpack(data)
-    if magic != MAGIC or version != VERSION:
+    magic, version, kind, size, argument, address = HEADER.unpack_from(data)
+    payload = data[HEADER.size:]
+    if magic != MAGIC or version != VERSION or size != len(payload):
         _close_all(fds)
-        raise HandoffError("bad frame magic or version")
+        raise HandoffError("bad frame magic, version or payload length")
     try:
         kind = Kind(kind)
     except ValueError:
         _close_all(fds)
         raise HandoffError(f"unknown frame kind {kind}") from None
+    if payload and kind is not Kind.CONNECTION:
+        _close_all(fds)
+        raise HandoffError(f"{kind.name} frame with a payload")
     if msg_flags & socket.MSG_CTRUNC:
         _close_all(fds)
         if kind is Kind.CONNECTION:
@@ -106,7 +119,7 @@ def recv_frame(sock: socket.socket) -> Frame | None:
     if len(fds) != (1 if wants_fd else 0):
         _close_all(fds)
         raise HandoffError(f"{kind.name} frame with {len(fds)} descriptors")
-    return Frame(kind, argument, fds[0] if wants_fd else None, address)
+    return Frame(kind, argument, fds[0] if wants_fd else None, address, payload)
 
 
 def _close_all(fds: array.array) -> None:

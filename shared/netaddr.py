@@ -54,6 +54,27 @@ def parse_networks(specs: Iterable[str]) -> tuple[str, ...]:
     return tuple(networks)
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` or ``[IPv6]:PORT`` as (address, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # an IPv6 address without brackets: its last group is no port
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or (
+            parse_address(host) is None):
+        raise ValueError(f"{text!r} is not ADDR:PORT (an IPv6 address in brackets)")
+    return host, int(port)
+
+
+def parse_endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Checked ``ADDR:PORT`` words, as given (each may hold several, space separated)."""
+    words = tuple(w for value in values for w in value.replace(",", " ").split())
+    for word in words:
+        parse_endpoint(word)
+    return words
+
+
 class Networks:
     """A parsed network list; ``contains`` answers for an address given as text."""
 

@@ -242,7 +242,23 @@ SETTINGS: tuple[Setting, ...] = (
             flag="ipv6-prefix"),
     Setting("trusted_networks", "networks", (),
             "CIDR networks (a webmail, a proxy) exempt from the per-address failed-login "
-            "delay and block, not from the per-user one", flag="trusted-networks"),
+            "delay and block, not from the per-user one; the only peers whose PROXY header "
+            "or XCLIENT is believed", flag="trusted-networks"),
+    Setting("proxy_protocol", "bool", False,
+            "the POP3 and TLS listeners expect a PROXY protocol header (v1 or v2, HAProxy's "
+            "send-proxy-v2) from a -trusted-networks peer before the greeting",
+            flag="proxy-protocol"),
+    Setting("proxy_listen", "list", (),
+            "also listen on ADDR:PORT for connections that begin with a PROXY header (a "
+            "balancer's), while the POP3 port stays direct", flag="proxy-listen",
+            validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
+    Setting("proxy_tls_listen", "list", (),
+            "also listen on ADDR:PORT for implicit TLS (needs -tls-cert) behind a PROXY header: "
+            "a balancer passing port 995 through", flag="proxy-tls-listen",
+            validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
+    Setting("xclient", "bool", False,
+            "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) from -trusted-networks peers "
+            "before login; their greeting starts +OK [XCLIENT]"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),
@@ -322,9 +338,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[dict[str, Any], str | None,
         i += 1
         if setting is None:
             config = raw
-        elif setting.kind == "list":
-            values[setting.name] = values.get(setting.name, ()) + (raw,)
-        elif setting.kind == "networks":
+        elif setting.kind in ("list", "networks"):  # repeated: each adds to the list
             values[setting.name] = (values.get(setting.name, ())
                                     + setting.convert(raw, "command line"))
         else:
@@ -360,6 +374,8 @@ def help_text(prog: str = "iupop3") -> str:
             "int": "N", "path": "FILE", "list": "ADDR", "networks": "CIDR...",
             "choice": "LEVEL"}.get(s.kind, "VALUE"))
         lines.append(f"  {s.option + arg:<22} {s.help} [default: {s.default_text()}]")
+    lines.append(f"  {'-check-config':<22} check the settings and the files they name as a "
+                 "start would, print the effective settings, exit (0, or 2 and the error)")
     lines.append(f"  {'-help':<22} this text")
     return "\n".join(lines) + "\n"
 
@@ -384,12 +400,12 @@ def example_toml() -> str:
         if s.name in ("demo", "state"):
             continue
         out.append(f"# {s.help}")
-        out.append(f"#{s.name} = {_toml_value(s.default)}")
+        out.append(f"#{s.name} = {toml_value(s.default)}")
         out.append("")
     return "\n".join(out)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (tuple, list)):

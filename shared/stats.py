@@ -82,6 +82,7 @@ class Counter(IntEnum):
     FATAL_SLOTS = 22     # supervisor slot: worker slots in the FATAL state now
     DEAD_SLOTS = 23      # supervisor slot: slots held by a process that survived SIGKILL
     HUNG_KILLED = 24     # supervisor slot: workers the watchdog killed
+    PROXY_REFUSED = 25   # supervisor slot: connections closed for a missing or bad PROXY header
 
 
 _MIN_COUNTERS = {Counter.RETR_MIN}

@@ -45,6 +45,7 @@ HEALTH_FIELDS: tuple[tuple[str, Counter], ...] = (
     ("Dead Workers", Counter.DEAD_SLOTS),
     ("Hung Workers Killed", Counter.HUNG_KILLED),
     ("Lost Handoffs", Counter.TRUNCATED),
+    ("Proxy Refusals", Counter.PROXY_REFUSED),
 )
 NAME_WIDTH = max(len(name) for name, _ in FIELDS)  # the colons line up, as in the README
 USER_INDENT = " " * (NAME_WIDTH + 3)              # user lines start under the values

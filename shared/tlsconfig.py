@@ -22,7 +22,9 @@ def server_context(cert: str, key: str = "", factory: type = ssl.SSLContext) -> 
     try:
         context.load_cert_chain(cert, key or None)
     except FileNotFoundError as exc:
-        raise TlsConfigError(f"TLS: cannot read {exc.filename}") from None
+        # load_cert_chain's FileNotFoundError names no file: say which of the two it may be.
+        missing = exc.filename or " or ".join(filter(None, (cert, key)))
+        raise TlsConfigError(f"TLS: cannot read {missing}") from None
     except (ssl.SSLError, OSError) as exc:
         raise TlsConfigError(f"TLS: cannot load certificate {cert}: {exc}") from None
     return context

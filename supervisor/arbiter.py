@@ -19,12 +19,13 @@ from collections.abc import Callable
 
 from setproctitle import setproctitle
 
-from shared import descriptors, handoff, keytable, logsetup, refusal
+from shared import descriptors, handoff, logsetup, refusal
 from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
 from supervisor import daemon, listeners
+from supervisor.proxyintake import Pending, ProxyIntake, address_key as proxied_key
 from supervisor.watchdog import HeartbeatWatch
 from supervisor.rotation import MidnightRotation
 from supervisor.workers import (KILL_MARGIN_SECONDS, PROCESS_STATES, ROUTABLE_STATES,
@@ -64,6 +65,8 @@ class Supervisor(HeartbeatWatch):
         self.accept_pause = 0.0        # current back-off of the listeners (0 = listening)
         self.accept_resume_at = 0.0
         self._turn = 0
+        self.intake = ProxyIntake(settings, self.selector, self.hand_off, lambda: self.stats.add(
+            SUPERVISOR_SLOT, Counter.PROXY_REFUSED))  # PROXY headers before the hand-off
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -73,6 +76,8 @@ class Supervisor(HeartbeatWatch):
             # With -port 0 (tests) every listener takes a free port; each is logged.
             tls_port = self.settings.tls_port if self.settings.port else 0
             self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
+        proxy_plain, proxy_tls = self.intake.bind(self.sockets, self.tls_sockets)
+        self.sockets, self.tls_sockets = self.sockets + proxy_plain, self.tls_sockets + proxy_tls
         self.drop_privileges()  # after binding (port 110 wants root), before any worker
         self.check_descriptor_limit()
         self.stats = StatsArea.create(2 * self.nworkers + 1, int(time.time()))
@@ -187,9 +192,12 @@ class Supervisor(HeartbeatWatch):
                     self.accept_connections(key.fileobj, key.data[1])
                 elif key.data == "wakeup":
                     self._drain_wakeup()
+                elif isinstance(key.data, Pending):
+                    self.intake.readable(key.data)
                 else:
                     self.read_worker_frames(key.data)
             self.handle_signals()
+            self.intake.expire()
             for worker in self.workers:
                 if worker.outbox:
                     self.flush_outbox(worker)
@@ -214,7 +222,7 @@ class Supervisor(HeartbeatWatch):
     def _loop_timeout(self) -> float:
         if self.accept_pause:
             return max(0.0, min(LOOP_SECONDS, self.accept_resume_at - time.monotonic()))
-        return LOOP_SECONDS
+        return self.intake.time_left(LOOP_SECONDS)
 
     def _drain_wakeup(self) -> None:
         try:
@@ -254,6 +262,8 @@ class Supervisor(HeartbeatWatch):
                     log.error("accept failed: %s", exc.strerror)
                 return
             self.accept_pause = 0.0  # accepting again: the next pause starts small
+            if self.intake.takes(listener, conn, kind):
+                continue  # it begins with a PROXY header, read before the hand-off
             try:
                 self.hand_off(conn, kind)
             finally:
@@ -276,14 +286,16 @@ class Supervisor(HeartbeatWatch):
             self.register_listeners()
         # accept_pause stays until an accept succeeds, so a failing one doubles it.
 
-    def hand_off(self, conn: socket.socket, kind: int = handoff.PLAIN) -> None:
-        """Send ``conn`` to the least-loaded worker; ``kind`` tags the listener it came from."""
+    def hand_off(self, conn: socket.socket, kind: int = handoff.PLAIN, proxied=None) -> None:
+        """Send ``conn`` to the least-loaded worker; ``kind`` tags the listener it came from,
+        ``proxied`` is the PROXY header it began with (shared.proxyprotocol.ProxyHeader)."""
         if self.stopping:
             self.refuse(conn, refusal.SHUTTING_DOWN)
             return
         address_key = 0
         if self.settings.max_per_address:
-            address_key = _address_key(conn, self.stats, self.settings)
+            address_key = proxied_key(conn, proxied, self.stats.key_secret(),
+                                      self.settings.ipv6_prefix)
             if self.per_address.get(address_key, 0) >= self.settings.max_per_address:
                 self.stats.add(SUPERVISOR_SLOT, Counter.ADDRESS_REFUSED)
                 self.refuse(conn, refusal.TOO_MANY_FROM_ADDRESS)
@@ -303,7 +315,8 @@ class Supervisor(HeartbeatWatch):
         for worker in candidates:
             try:
                 handoff.send_frame(worker.channel, Kind.CONNECTION, kind, fd=conn.fileno(),
-                                   flags=socket.MSG_DONTWAIT, address=address_key)
+                                   flags=socket.MSG_DONTWAIT, address=address_key,
+                                   payload=proxied.raw if proxied else b"")
             except (BlockingIOError, OSError) as exc:
                 log.debug("worker %d cannot take a connection: %s", worker.slot, exc)
                 continue
@@ -571,12 +584,3 @@ class Supervisor(HeartbeatWatch):
             sock.close()
         signal.set_wakeup_fd(-1)
 
-
-def _address_key(conn: socket.socket, stats: StatsArea, settings) -> int:
-    """The -max-per-address key of a client: the keyed digest workers also send in CLOSED
-    (IPv6 counted per -ipv6-prefix network, IPv4-mapped as IPv4; shared/keytable.Keyer)."""
-    try:
-        address = conn.getpeername()[0]
-    except (OSError, IndexError):
-        address = ""
-    return keytable.Keyer(stats.key_secret(), settings.ipv6_prefix).address(address)

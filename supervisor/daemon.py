@@ -43,6 +43,14 @@ def check_settings(settings) -> str | None:
         return "-daemon needs -logfile FILE: a daemon has no standard output"
     if settings.group and not settings.user:
         return "-group needs -user"
+    proxying = [o for o, on in (("-proxy-protocol", settings.proxy_protocol),
+                                ("-proxy-listen", settings.proxy_listen),
+                                ("-proxy-tls-listen", settings.proxy_tls_listen),
+                                ("-xclient", settings.xclient)) if on]
+    if proxying and not settings.trusted_networks:
+        return f"{proxying[0]} needs -trusted-networks (the addresses of the proxies)"
+    if settings.proxy_tls_listen and not settings.tls_cert:
+        return "-proxy-tls-listen needs -tls-cert"
     if settings.user:
         try:
             identity = identity_for(settings.user, settings.group)

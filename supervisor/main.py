@@ -11,7 +11,7 @@ from shared.tlsconfig import TlsConfigError, server_context
 from shared.users import UsersFileError, load_users
 from shared.xtndauth import XtndAuthError, load as load_xtnd_auth
 from shared.logsetup import log
-from supervisor import daemon
+from supervisor import checkconfig, daemon
 from supervisor.arbiter import Supervisor
 from supervisor.listeners import ListenError
 
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from shared import pwtool
 
         return pwtool.main(argv[1:])
+    check_only, argv = checkconfig.split_flag(argv)
     try:
         settings, want_help = settings_mod.resolve(argv)
     except SettingsError as exc:
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             server_context(settings.tls_cert, settings.tls_key)
     except (UsersFileError, TlsConfigError, XtndAuthError) as exc:
         return _fail(str(exc))
+    if check_only:  # everything a start checks has passed: show what it would run with
+        sys.stdout.write(checkconfig.render(settings, argv))
+        return 0
     if settings.demo:
         _print_demo_banner(settings)
     return serve(settings)

@@ -191,10 +191,11 @@ def test_the_table_lock_excludes_another_process_and_dies_with_it():
 
 def test_supervisor_and_worker_key_an_address_alike():
     """The supervisor's -max-per-address key of a connection equals the key a worker sends
-    back in its CLOSED frame for that client's address."""
+    back in its CLOSED frame for that client's address (behind a PROXY header: the client's)."""
     import socket
 
-    from supervisor.arbiter import _address_key
+    from shared.proxyprotocol import parse, v2_header
+    from supervisor.proxyintake import address_key
 
     guard, _, area = _guard()
     with socket.socket() as listener:
@@ -203,6 +204,9 @@ def test_supervisor_and_worker_key_an_address_alike():
         with socket.create_connection(listener.getsockname()) as client:
             conn, _ = listener.accept()
             with conn:
-                key = _address_key(conn, area, guard.settings)
+                key = address_key(conn, None, area.key_secret(), guard.settings.ipv6_prefix)
+                proxied = address_key(conn, parse(v2_header(("192.0.2.7", 1))),
+                                      area.key_secret(), guard.settings.ipv6_prefix)
             address = client.getsockname()[0]
     assert key == guard.keys.address(address)
+    assert proxied == guard.keys.address("192.0.2.7") != key

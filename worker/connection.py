@@ -16,6 +16,7 @@ from gevent import GreenletExit, Timeout
 
 from shared.addresses import is_loopback
 from shared.logsetup import THREAD
+from shared.proxyprotocol import ProxyHeader
 from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
@@ -51,7 +52,7 @@ def peer_address(sock: socket.socket) -> str:
 
 class Connection:
     def __init__(self, sock: socket.socket, ctx: ServerContext, session_id: str,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, proxied: ProxyHeader | None = None):
         self.sock = sock
         try:  # RFC 2449 pipelining: with Nagle each reply after the first of a batch waited
             # for the client's delayed ACK, 40 ms a batch; our writes are whole replies anyway.
@@ -63,14 +64,24 @@ class Connection:
         self.implicit_tls = implicit_tls
         self.peer = peer_name(sock)
         self.address = peer_address(sock)
+        self.proxied = proxied  # the PROXY header the supervisor read (supervisor/proxyintake.py)
+        if proxied is not None and proxied.source is not None and not proxied.local:
+            self.address, port = proxied.source  # the client's: logs, limits, cleartext policy
+            self.peer = (f"[{self.address}]:{port}" if ":" in self.address
+                         else f"{self.address}:{port}")
         self.local = is_loopback(self.address)
         self.limits = ConnectionLimits.from_settings(ctx.settings)
-        self.session = self._new_session(secure=False)
+        # A balancer that terminated TLS says so (PP2_TYPE_SSL): the password did not travel bare.
+        self.session = self._new_session(secure=proxied is not None and proxied.tls)
 
     def _new_session(self, secure: bool) -> Session:
-        return Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
-                       tls_available=self.ctx.tls.context is not None, local=self.local,
-                       address=self.address, limits=self.limits)
+        session = Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
+                          tls_available=self.ctx.tls.context is not None, local=self.local,
+                          address=self.address, limits=self.limits)
+        settings = self.ctx.settings
+        session.xclient_trusted = settings.xclient and self.ctx.guard.trusted.contains(
+            self.address)
+        return session
 
     def _start_tls(self) -> None:
         """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
@@ -82,6 +93,8 @@ class Connection:
         self.session = self._new_session(secure=True)
         self.session.failures = old.failures  # STLS must not reset the login-attempt budget
         self.session.apop_timestamp = old.apop_timestamp  # the one the greeting announced
+        for name in ("peer", "address", "local"):  # as an XCLIENT before STLS set them
+            setattr(self.session, name, getattr(old, name))
         self.session.log.log(THREAD, "TLS started: %s %s", self.sock.version(),
                              self.sock.cipher()[0])
 
@@ -110,6 +123,9 @@ class Connection:
         outcome = Counter.ABNORMAL
         try:
             self.sock.settimeout(ctx.settings.timeout)
+            if self.proxied is not None:
+                session.log.log(THREAD, "%s from %s", self.proxied.describe(),
+                                peer_name(self.sock))
             if self.implicit_tls:
                 self._start_tls()
                 session = self.session

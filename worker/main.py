@@ -19,7 +19,8 @@ import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
 
-from shared import descriptors, handoff, logsetup, refusal, settings as settings_mod
+from shared import descriptors, handoff, logsetup, proxyprotocol, refusal
+from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import TICK_SECONDS, Counter, Header, StatsArea
@@ -145,7 +146,14 @@ class Worker:
             self.serial += 1
             session_id = f"w{self.slot}.{self.serial}"
             implicit_tls = frame.argument == handoff.IMPLICIT_TLS
-            self.sessions.spawn(self.serve, frame.fd, frame.address, session_id, implicit_tls)
+            try:  # the supervisor parsed these bytes already: an error here is a bug
+                proxied = proxyprotocol.parse(frame.payload) if frame.payload else None
+            except proxyprotocol.ProxyError as exc:
+                log.error("bad PROXY header from the supervisor: %s", exc)
+                self.refuse(frame.fd, frame.address)
+                return
+            self.sessions.spawn(self.serve, frame.fd, frame.address, session_id, implicit_tls,
+                                proxied)
         elif frame.kind is Kind.DRAIN:
             self.begin_drain(frame.argument)
         elif frame.kind is Kind.LOGLEVEL:
@@ -169,13 +177,14 @@ class Worker:
             sock.close()
         self.address_closed(address_key)
 
-    def serve(self, fd: int, address_key: int, session_id: str, implicit_tls: bool) -> None:
+    def serve(self, fd: int, address_key: int, session_id: str, implicit_tls: bool,
+              proxied: proxyprotocol.ProxyHeader | None = None) -> None:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
         # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
         # never misses a session that waits for its greenlet, so -maxclients stays exact.
         try:
             sock = gevent.socket.socket(fileno=fd)
-            Connection(sock, self.ctx, session_id, implicit_tls).serve()
+            Connection(sock, self.ctx, session_id, implicit_tls, proxied).serve()
         finally:
             # The supervisor's own key for the address, even if the client reset before its
             # address could be read here (issue 10), so its per-address count comes down.

@@ -14,7 +14,7 @@ from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from shared.users import Account, user_name
 from worker import replies as R
-from worker import rewrite, sasl, store
+from worker import rewrite, sasl, store, xclient
 from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
@@ -39,7 +39,8 @@ class State(Enum):
 
 
 ALLOWED: dict[State, frozenset[str]] = {
-    State.AUTHORIZATION: frozenset({"USER", "PASS", "APOP", "AUTH", "QUIT", "CAPA", "STLS"}),
+    State.AUTHORIZATION: frozenset({"USER", "PASS", "APOP", "AUTH", "QUIT", "CAPA", "STLS",
+                                    "XCLIENT"}),
     State.TRANSACTION: frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
                                   "TOP", "UIDL", "CAPA", "XTND"}),
     State.UPDATE: frozenset(),
@@ -62,6 +63,7 @@ class Session:
         self.local = local                    # the client is on this host (loopback)
         self.address = address                # the client's IP address, for the auth guard
         self.start_tls = False                # set by STLS: the connection starts TLS next
+        self.xclient_trusted = False          # the peer may send XCLIENT (worker/xclient.py)
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
         # An AUTH naming only a mechanism was just refused: a client that sent its response
@@ -90,6 +92,8 @@ class Session:
         self.log.log(THREAD, "connect from %s", self.peer)
         greeting = R.GREETING.format(version=self.ctx.version, host=self.ctx.hostname,
                                      since=self.ctx.since)
+        if self.xclient_trusted:  # as Dovecot's backends tell their proxies
+            greeting = "+OK [XCLIENT]" + greeting[len("+OK"):]
         # RFC 1939 section 7: the APOP timestamp is offered only when APOP is on.
         self.reply(f"{greeting} {self.apop_timestamp}" if self.apop_timestamp else greeting)
 
@@ -555,6 +559,12 @@ class Session:
 
     def pop_NOOP(self, rest: bytes) -> None:
         self.reply(R.NOOP)
+
+    def pop_XCLIENT(self, rest: bytes) -> None:
+        if not self.xclient_trusted:
+            self._bad_command(R.UNKNOWN_COMMAND)
+            return
+        xclient.apply(self, rest)
 
     def pop_XTND(self, rest: bytes) -> None:
         # IUPOP3's administration commands live in worker/xtnd.py; imported here so the
