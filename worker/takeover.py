@@ -174,8 +174,8 @@ class LockWait:
             self.next_ask = now + max(self.ctx.settings.takeover_idle - answer.idle, MAX_PAUSE)
         else:
             self.next_ask = now + RETRY_ASK
-            if answer.why:
-                self.log.debug("cannot ask the lock holder: %s", answer.why)
+        self.log.debug("lock holder %s: %s %.1f%s", stamp.session if stamp else "unknown",
+                       answer.word, answer.idle, f" ({answer.why})" if answer.why else "")
         return False
 
 
