@@ -127,11 +127,16 @@ def test_two_racing_logins_take_over_once(start_server):
         racer.command("USER alice")
         racers.append(racer)
     time.sleep(float(IDLE) + 0.2)  # a lower bound on the holder's idle time, not a hope
+    started = time.monotonic()
     for racer in racers:
         racer.send(f"PASS {USERS['alice']}\r\n".encode())
     replies = sorted(racer.line() for racer in racers)
+    answered = time.monotonic() - started
     assert replies == sorted([R.LOGIN_OK.encode(), R.IN_USE.encode()])
     assert ended_by_takeover(holder)
+    told = time.monotonic() - started
+    print(f"\nrace: both racers answered {answered * 1000:.0f} ms after their PASS; the idle"
+          f" holder had its -ERR within {told * 1000:.0f} ms")
     assert server.output.count("session taken over by a new login") == 1
     assert messages_on_disk(server) == 3
 

@@ -353,9 +353,11 @@ class Session:
         """Open, lock and scan the account's maildrop; TRANSACTION if that works."""
         try:
             maildrop = self.ctx.maildrop_for(account)
-            # Lock and scan in the pool (worker.store); a held lock is waited for or taken over.
-            self.messages, self.took_over = takeover.lock_and_scan(
-                self.ctx, maildrop, self.session_id, self.log, user)
+            # Lock and scan in the pool (worker.store); a held lock is waited for (the server's
+            # doing: -login-timeout stands still) or taken over.
+            with self.limits.login.paused():
+                self.messages, self.took_over = takeover.lock_and_scan(
+                    self.ctx, maildrop, self.session_id, self.log, user)
         except MaildropBusy:
             self.log.log(THREAD, "maildrop of %s in use", user)
             self.reply(R.IN_USE)
