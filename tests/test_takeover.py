@@ -184,7 +184,7 @@ def session_of(server, port: int) -> tuple[str, int]:
 def test_forged_stamp_cannot_end_another_users_session(start_server):
     """alice rewrites her held lock to name bob's idle session: her next login asks bob's
     worker, which refuses (bob holds another lock file), and waits out -lock-wait instead."""
-    server = start_server("-takeover-idle", IDLE, "-lock-wait", "2")
+    server = start_server("-takeover-idle", IDLE, "-lock-wait", "1")
     bob = login(server, "bob")
     alice = login(server)
     session, pid = session_of(server, bob.local_port)
