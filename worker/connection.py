@@ -208,8 +208,8 @@ class Connection:
                     session.line_too_long()
                     continue
                 session.handle_line(line)
-                deadline = self.idle_since = time.monotonic()
-                deadline += timeout
+                self.idle_since = time.monotonic()
+                deadline = self.idle_since + timeout
                 if session.start_tls:
                     buffer = b""  # pipelined after STLS: thrown away (RFC 2595, CVE-2011-0411)
                     self._start_tls()
