@@ -163,6 +163,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("login_timeout", "int", 60,
             "seconds from connect to a successful login before the server hangs up (time "
             "spent in a failed-login penalty does not count)", minimum=1, flag="login-timeout"),
+    Setting("takeover_idle", "int", 30,
+            "a login that finds its maildrop held by a session idle this many seconds (no "
+            "complete command line) ends that session unapplied and proceeds; 0 = never",
+            minimum=0, maximum=86400, flag="takeover-idle"),
+    Setting("lock_wait", "int", 5,
+            "seconds a login waits for a maildrop held by an active session before it "
+            "answers -ERR [IN-USE]", minimum=0, maximum=600, flag="lock-wait"),
     Setting("max_bad_commands", "int", 10,
             "unknown commands, commands in the wrong state and over-long lines a connection "
             "may send; the next one is answered -ERR and the connection closed", minimum=0,

@@ -12,6 +12,8 @@ import socket
 import ssl
 import time
 
+import gevent
+import gevent.event
 from gevent import GreenletExit, Timeout
 
 from shared.addresses import is_loopback
@@ -21,13 +23,18 @@ from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
-from worker.pop3 import ConnectionLost, Session
+from worker.pop3 import ConnectionLost, Session, State
+from worker.store import LockKey
 
 _READ_SIZE = 4096
 
 
 class LoginTimeout(TimeoutError):
     """No successful login within -login-timeout of the connect."""
+
+
+class TakenOver(Exception):
+    """A new login of this maildrop ended this idle session (worker.takeoverdesk)."""
 
 
 def peer_name(sock: socket.socket) -> str:
@@ -73,6 +80,11 @@ class Connection:
         self.limits = ConnectionLimits.from_settings(ctx.settings)
         # A balancer that terminated TLS says so (PP2_TYPE_SSL): the password did not travel bare.
         self.session = self._new_session(secure=proxied is not None and proxied.tls)
+        # Lock takeover (worker.takeoverdesk): idle = waiting in recv since idle_since.
+        self.reading = False
+        self.idle_since = time.monotonic()
+        self.released = gevent.event.Event()  # the session's maildrop lock is dropped
+        self.greenlet: gevent.Greenlet | None = None
 
     def _new_session(self, secure: bool) -> Session:
         session = Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
@@ -121,6 +133,8 @@ class Connection:
         ctx.stats.count(Counter.RECEIVED)
         ctx.stats.count(Counter.TOTAL)
         outcome = Counter.ABNORMAL
+        self.greenlet = gevent.getcurrent()
+        ctx.takeover.register(self.session_id, self)
         try:
             self.sock.settimeout(ctx.settings.timeout)
             if self.proxied is not None:
@@ -143,6 +157,12 @@ class Connection:
             outcome = Counter.TIMEOUTS
             session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
             self._try_send(R.TIMEOUT.format(seconds=ctx.settings.timeout))
+        except TakenOver as exc:
+            self.session.release()  # first: the new login is waiting for this lock
+            self.released.set()
+            self.session.log.log(THREAD, "session taken over by a new login (%s); nothing"
+                                 " applied", exc)
+            self._try_send(R.TAKEN_OVER)
         except GreenletExit:
             session.log.log(THREAD, "session closed by shutdown; nothing applied")
             self._try_send(R.SHUTTING_DOWN)
@@ -155,6 +175,8 @@ class Connection:
         finally:
             session = self.session
             session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
+            self.released.set()
+            ctx.takeover.unregister(self.session_id)
             if self.limits.log_repeats.suppressed:
                 session.log.log(THREAD, "%d repeated log lines were not written",
                                 self.limits.log_repeats.suppressed)
@@ -172,11 +194,13 @@ class Connection:
         deadline = time.monotonic() + timeout
         while not session.closing:
             self.sock.settimeout(self._wait(deadline))
+            self.reading = True
             try:
                 data = self.sock.recv(_READ_SIZE)
             except TimeoutError:
                 continue  # the next _wait raises for the deadline that passed
             finally:
+                self.reading = False
                 self.sock.settimeout(timeout)  # replies get the whole timeout to go out
             if not data:
                 return
@@ -200,7 +224,8 @@ class Connection:
                     session.line_too_long()
                     continue
                 session.handle_line(line)
-                deadline = time.monotonic() + timeout
+                self.idle_since = time.monotonic()
+                deadline = self.idle_since + timeout
                 if session.start_tls:
                     buffer = b""  # pipelined after STLS: thrown away (RFC 2595, CVE-2011-0411)
                     self._start_tls()
@@ -218,6 +243,28 @@ class Connection:
         if idle_left <= 0:
             raise TimeoutError("no complete command line")
         return idle_left
+
+    # -- lock takeover (worker.takeoverdesk calls these in the hub) ---------------------------
+    def takeover_refusal(self, key: LockKey, idle_needed: float) -> str | None:
+        """Why this session may not be ended for a login that found lock ``key`` held (the
+        answer for that login); None when it holds that lock, in TRANSACTION, and has waited
+        for a command line at least ``idle_needed`` seconds."""
+        session = self.session
+        maildrop = session.maildrop
+        if maildrop is None or maildrop.lock_key != key:
+            return "UNKNOWN"
+        if session.state is not State.TRANSACTION:
+            return "UPDATE"
+        idle = time.monotonic() - self.idle_since if self.reading else 0.0
+        return None if idle >= idle_needed else f"ACTIVE {idle:.1f}"
+
+    def end_for_takeover(self, by: str) -> float:
+        """Raise TakenOver in the session's greenlet, parked in recv (checked by the caller);
+        the greenlet drops the lock before it returns here. Returns the idle seconds."""
+        idle = time.monotonic() - self.idle_since
+        assert self.greenlet is not None
+        self.greenlet.throw(TakenOver(f"by {by}"))
+        return idle
 
     def _try_send(self, line: str) -> None:
         try:

@@ -1,5 +1,6 @@
 """What every session of a worker shares, in named parts: accounts, TLS, statistics, the
-supervisor link, the XTND authorization, the failed-login guard, and the mail location.
+supervisor link, the XTND authorization, the failed-login guard, the takeover desk, and the
+mail location.
 
 ``build_context`` makes the parts once (worker/main.py, and the sans-IO tests without a
 supervisor) and passes each in; sessions reach a part by its name (``ctx.accounts``,
@@ -24,6 +25,7 @@ from worker import store
 from worker.rewrite import Rewriter, Rules
 from worker.sessionstats import SessionStats
 from worker.supervisorlink import DETACHED, SupervisorLink
+from worker.takeoverdesk import TakeoverDesk
 from worker.tlsservice import TlsService
 from worker.xtnd import XtndAuthorization
 
@@ -35,7 +37,8 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
 class ServerContext:
     def __init__(self, settings: Any, *, accounts: Accounts, tls: TlsService,
                  stats: SessionStats, supervisor: SupervisorLink, xtnd: XtndAuthorization,
-                 guard: AuthGuard, keys: Keyer, offload: Callable[..., Any] = _direct,
+                 guard: AuthGuard, keys: Keyer, takeover: TakeoverDesk,
+                 offload: Callable[..., Any] = _direct,
                  sleep: Callable[[float], Any] = time.sleep):
         self.settings = settings
         self.accounts = accounts
@@ -45,6 +48,7 @@ class ServerContext:
         self.xtnd = xtnd
         self.guard = guard
         self.keys = keys  # table keys of this run: CLOSED frames name an address with them
+        self.takeover = takeover  # this worker's sessions, for logins that find a lock held
         self.slot = stats.slot
         self.version = VERSION
         self.hostname = accounts.hostname
@@ -86,6 +90,7 @@ def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Ac
         xtnd=xtnd,
         guard=AuthGuard(settings, area, slot, keys, sleep),
         keys=keys,
+        takeover=TakeoverDesk(settings.takeover_idle),
         offload=offload,
         sleep=sleep,
     )

@@ -22,7 +22,7 @@ from shared.logsetup import escaped, log
 from worker import safefs
 from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
-                              Message, Sizing, fault_stop_point, session_flock)
+                              LockKey, Message, Sizing, fault_stop_point, session_flock)
 
 LOCK_NAME = ".iupop3.lock"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
@@ -107,6 +107,8 @@ class Maildir:
         self.purge = purge
         self._root_fd: int | None = None
         self._lock_fd: int | None = None
+        self.stamp = b""                     # written into the session lock (worker.takeover)
+        self.lock_key: LockKey | None = None  # the held session lock file, while held
 
     # -- session lock --------------------------------------------------------------------------
     def lock(self) -> None:
@@ -128,7 +130,8 @@ class Maildir:
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 os.close(fd)
                 raise UnsafeEntry(0, "is not a regular file of one link", LOCK_NAME)
-            self._lock_fd = session_flock(fd, self.path)
+            self._lock_fd = session_flock(fd, self.path, self.stamp)
+            self.lock_key = (st.st_dev, st.st_ino)
         except OSError as exc:
             os.close(root)
             if isinstance(exc, UnsafeEntry) or exc.errno == errno.ELOOP:
@@ -149,6 +152,7 @@ class Maildir:
             if fd is not None:
                 os.close(fd)  # closing the only descriptor releases the flock
         self._lock_fd = self._root_fd = None
+        self.lock_key = None
 
     @contextmanager
     def _root(self) -> Iterator[int]:

@@ -67,14 +67,17 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.begin_drain, self.settings.grace)
         ticker = gevent.spawn(self.tick)
         receiver = gevent.spawn(self.receive)
-        for essential in (ticker, receiver):
+        essentials = [ticker, receiver]
+        if self.ctx.takeover.listen():  # other logins ask our idle sessions to go here
+            essentials.append(gevent.spawn(self.ctx.takeover.serve))
+        for essential in essentials:
             essential.link_exception(self._essential_died)
         self.reloader.watch()
         log.info("worker %d ready, pid %d", self.slot, os.getpid())
         self.drain_started.wait()
         self.finish_sessions()
-        receiver.kill()
-        ticker.kill()
+        for essential in reversed(essentials):
+            essential.kill()
         self.reloader.stop()
         log.info("worker %d exits", self.slot)
         return self.exit_status

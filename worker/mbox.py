@@ -50,7 +50,7 @@ from typing import BinaryIO
 
 from shared.logsetup import escaped, log
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
-                              Message, Sizing, session_flock)
+                              LockKey, Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
 
 STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
@@ -238,6 +238,8 @@ class Mbox:
         # the crash tests stop a child process there.
         self.hook: Callable[[str], None] = lambda stage: None
         self._session_fd: int | None = None
+        self.stamp = b""                     # written into the session lock (worker.takeover)
+        self.lock_key: LockKey | None = None  # the held session lock file, while held
         self._records: dict[int, Record] = {}
         self._prefix: tuple[int, int] | None = None  # (length, crc32) of the scanned part
 
@@ -267,16 +269,19 @@ class Mbox:
                          | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
-        self._session_fd = session_flock(fd, self.path)
+        self._session_fd = session_flock(fd, self.path, self.stamp)
+        self.lock_key = (st.st_dev, st.st_ino)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
 
     def unlock(self) -> None:
         if self._session_fd is not None:
             os.close(self._session_fd)
             self._session_fd = None
+            self.lock_key = None
 
     # -- spool locks -------------------------------------------------------------------------
     @contextmanager

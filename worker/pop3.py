@@ -14,7 +14,7 @@ from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from shared.users import Account, user_name
 from worker import replies as R
-from worker import rewrite, sasl, store, xclient
+from worker import rewrite, sasl, store, takeover, xclient
 from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
@@ -70,6 +70,7 @@ class Session:
         # without waiting for "+" gave us credentials on the next line (masked in the log).
         self.auth_refused = False
         self.apop_timestamp = ctx.accounts.apop_timestamp() if ctx.settings.apop else ""
+        self.session_id = session_id
         self.log = session_logger(session_id)
         # The connection's limits (login deadline, bad-command budget, log repeats) survive STLS.
         self.limits = limits or ConnectionLimits.from_settings(ctx.settings)
@@ -78,6 +79,7 @@ class Session:
         self.quit = False             # the client said QUIT (a normal disconnect)
         self.user: str | None = None  # from USER, waiting for PASS
         self.account_name: str | None = None
+        self.took_over = False  # this login ended an idle session of its maildrop (issue 13)
         self.failures = 0
         self.maildrop = None
         self.messages: list[Message] = []
@@ -355,9 +357,11 @@ class Session:
         """Open, lock and scan the account's maildrop; TRANSACTION if that works."""
         try:
             maildrop = self.ctx.maildrop_for(account)
-            # Lock and first scan walk directories and read files: in the pool (worker.store).
-            self.messages = self.ctx.offload(store.lock_and_scan, maildrop,
-                                             self.ctx.settings.maxmsg)
+            # Lock and scan in the pool (worker.store); a held lock is waited for (the server's
+            # doing: -login-timeout stands still) or taken over.
+            with self.limits.login.paused():
+                self.messages, self.took_over = takeover.lock_and_scan(
+                    self.ctx, maildrop, self.session_id, self.log, user)
         except MaildropBusy:
             self.log.log(THREAD, "maildrop of %s in use", user)
             self.reply(R.IN_USE)

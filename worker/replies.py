@@ -29,6 +29,8 @@ BAD_USER_NAME = "-ERR [AUTH] invalid user name"
 ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 LOGIN_DEFERRED = "-ERR [SYS/TEMP] too many login attempts for this user now, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
+# Issue 13: no response code; RFC 2449 defines [IN-USE] only for replies to a login.
+TAKEN_OVER = "-ERR session taken over by a new login"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
 
 UNKNOWN_COMMAND = "-ERR unknown command"

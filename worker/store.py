@@ -25,10 +25,11 @@ from shared.users import Account
 from worker.maildir import Maildir
 from worker.mbox import Mbox
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, READ_CHUNK, SPOOL_CHUNK, UIDL_OK,
-                              WASTEBASKET, MaildropBusy, MaildropError, Message, Opener,
-                              PlainSizing, Sizing, session_flock)
+                              WASTEBASKET, LockHolder, LockKey, MaildropBusy, MaildropError,
+                              Message, Opener, PlainSizing, Sizing, session_flock)
 
 __all__ = ["FOREIGN_FOLDER", "PLAIN", "READ_CHUNK", "SPOOL_CHUNK", "UIDL_OK", "WASTEBASKET",
+           "LockHolder", "LockKey",
            "Maildrop", "MaildropBusy", "MaildropError", "Message", "Opener",
            "PlainSizing", "Sizing", "lock_and_scan", "open_maildrop", "session_flock"]
 
@@ -37,8 +38,12 @@ class Maildrop(Protocol):
     """One user's maildrop for the length of a session (Maildir and Mbox implement it).
 
     Nothing before ``commit`` changes the disk, so a dropped connection or a killed worker
-    changes nothing; ``commit`` runs only in the UPDATE state.
+    changes nothing; ``commit`` runs only in the UPDATE state. ``stamp`` is written into the
+    session lock when it is taken; ``lock_key`` names the held lock file (worker.takeover).
     """
+
+    stamp: bytes
+    lock_key: LockKey | None
 
     def lock(self) -> None:
         """Take the session lock (MaildropBusy, MaildropError); pool."""

@@ -40,8 +40,25 @@ def fault_stop_point(done: int) -> None:
         signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
+STAMP_MAX = 256  # a session lock's stamp: one short line (worker.takeover writes and reads it)
+LockKey = tuple[int, int]  # (st_dev, st_ino) of a session lock file: which maildrop it locks
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """What a login found in a session lock that was held: the file's identity and the
+    holder's stamp as read, untrusted (the maildrop's user can write the file)."""
+
+    key: LockKey
+    stamp: bytes
+
+
 class MaildropBusy(Exception):
-    """Another session holds this maildrop."""
+    """Another session holds this maildrop; ``holder`` says what its lock file said."""
+
+    def __init__(self, maildrop: str, holder: LockHolder | None = None):
+        super().__init__(maildrop)
+        self.holder = holder
 
 
 class MaildropError(Exception):
@@ -109,17 +126,41 @@ class PlainSizing:
 PLAIN = PlainSizing()
 
 
-def session_flock(fd: int, maildrop: str) -> int:
+def session_flock(fd: int, maildrop: str, stamp: bytes = b"") -> int:
     """Lock ``fd`` for a session or close it and raise MaildropBusy / MaildropError.
 
     flock belongs to the open file, not the process: it holds between two sessions of one
-    worker as well as across workers, and the kernel drops it when its holder dies.
+    worker as well as across workers, and the kernel drops it when its holder dies. The
+    holder writes ``stamp`` (who it is, worker.takeover) into the file by descriptor, so a
+    login that finds the lock held knows whom to ask; a stamp that cannot be written (a full
+    disk) costs only that, never the login.
     """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise MaildropBusy(maildrop) from None
+            holder = _holder(fd)
+            os.close(fd)
+            raise MaildropBusy(maildrop, holder) from None
+        os.close(fd)
         raise MaildropError(f"cannot lock maildrop {maildrop}: {exc.strerror}") from None
+    if stamp:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, stamp[:STAMP_MAX], 0)
+        except OSError:
+            pass
     return fd
+
+
+def lock_key(fd: int) -> LockKey:
+    """The identity of a session lock file (what a takeover request must name)."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _holder(fd: int) -> LockHolder | None:
+    try:
+        return LockHolder(lock_key(fd), os.pread(fd, STAMP_MAX, 0))
+    except OSError:
+        return None
