@@ -25,8 +25,9 @@ from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
 from supervisor import daemon, listeners
-from supervisor.watchdog import HeartbeatWatch
+from supervisor.logfiles import LogFiles
 from supervisor.rotation import MidnightRotation
+from supervisor.watchdog import HeartbeatWatch
 from supervisor.workers import (KILL_MARGIN_SECONDS, PROCESS_STATES, ROUTABLE_STATES,
                                 WAITING_STATES, WorkerProcess, WorkerState, load)
 
@@ -39,7 +40,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Supervisor(HeartbeatWatch):
+class Supervisor(HeartbeatWatch, LogFiles):
     def __init__(self, settings, on_ready: Callable[[str], None] | None = None):
         self.settings = settings
         self.on_ready = on_ready  # told "listening on ..." once the ports are bound
@@ -93,26 +94,6 @@ class Supervisor(HeartbeatWatch):
         if self.on_ready is not None:
             self.on_ready(f"pid {os.getpid()} listening on {where}")
 
-    def open_log(self) -> None:
-        try:
-            self.handler = logsetup.configure("supervisor", self.settings.loglevel,
-                                              self.settings.logfile, self.settings.log_flush,
-                                              owners=self._log_owners())
-        except OSError as exc:
-            raise daemon.DaemonError(
-                f"cannot open the log file {self.settings.logfile}: {exc.strerror}") from None
-        if self.settings.logfile:
-            self.rotation = MidnightRotation(self.settings.logfile)
-            left = self.rotation.left_from_before()
-            if left is not None:
-                self.rotate_log(left)  # a file of an earlier day (stopped overnight)
-
-    def _log_owners(self) -> tuple[int, ...]:
-        """Who may own an existing log file: this process, and the -user it becomes."""
-        if self.settings.user and os.geteuid() == 0:
-            return (0, daemon.identity_for(self.settings.user, self.settings.group).uid)
-        return (os.geteuid(),)
-
     def check_descriptor_limit(self) -> None:
         """Raise the soft RLIMIT_NOFILE to the hard one (workers inherit it) and say whether
         -maxclients fits in it."""
@@ -139,26 +120,6 @@ class Supervisor(HeartbeatWatch):
         missing = daemon.unreachable(daemon.needed_after_drop(settings, PROJECT_ROOT))
         if missing:
             raise daemon.DaemonError(f"as user {identity.user}: " + "; ".join(missing))
-
-    def rotate_log(self, day=None) -> None:
-        """Midnight: the current file gets the day's name, every process continues in a new one."""
-        assert self.rotation is not None and self.handler is not None
-        log.info("a new day: the log continues in a new %s", self.rotation.path)
-        self.handler.flush()
-        try:
-            old = self.rotation.rotate(day)
-        except OSError as exc:
-            log.error("cannot rotate the log file %s: %s; writing on in it",
-                      self.rotation.path, exc.strerror or exc)
-            return
-        try:
-            self.handler.reopen()
-        except OSError as exc:  # a file planted meanwhile: keep writing the renamed one
-            log.error("cannot open the new log file %s: %s", self.rotation.path,
-                      exc.strerror or exc)
-            return
-        self.broadcast(Kind.REOPEN_LOG)
-        log.info("new log file; the lines before are in %s", old)
 
     def register_listeners(self) -> None:
         for sock in self.sockets:
