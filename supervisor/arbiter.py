@@ -24,9 +24,11 @@ from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
-from supervisor import daemon, listeners
+from supervisor import activation, daemon, listeners, upgrade
+from supervisor.metrics import MetricsServer
 from supervisor.logfiles import LogFiles
 from supervisor.rotation import MidnightRotation
+from supervisor.upgrade import Handover, Upgrades
 from supervisor.watchdog import HeartbeatWatch
 from supervisor.workers import (KILL_MARGIN_SECONDS, PROCESS_STATES, ROUTABLE_STATES,
                                 WAITING_STATES, WorkerProcess, WorkerState, load)
@@ -40,10 +42,17 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Supervisor(HeartbeatWatch, LogFiles):
-    def __init__(self, settings, on_ready: Callable[[str], None] | None = None):
+class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
+    def __init__(self, settings, on_ready: Callable[[str], None] | None = None,
+                 pidfile_fd: int = -1, handover: Handover | None = None):
         self.settings = settings
         self.on_ready = on_ready  # told "listening on ..." once the ports are bound
+        self.pidfile_fd = pidfile_fd  # an upgrade hands it on (supervisor/upgrade.py)
+        self.handover = handover      # we are the new generation of an upgrade
+        self.awaiting_workers = handover is not None  # accept only once they are all ready
+        self.listening = activation.Listening()
+        self.metrics: MetricsServer | None = None
+        self.title_ports = ""
         self.rotation: MidnightRotation | None = None
         self.nworkers = settings.workers or os.cpu_count() or 1
         self.workers = [WorkerProcess(slot) for slot in range(1, self.nworkers + 1)]
@@ -69,18 +78,23 @@ class Supervisor(HeartbeatWatch, LogFiles):
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
         self.open_log()
-        self.sockets = listeners.bind_all(self.settings.listen, self.settings.port)
-        if self.settings.tls_cert and self.settings.tls_port:
-            # With -port 0 (tests) every listener takes a free port; each is logged.
-            tls_port = self.settings.tls_port if self.settings.port else 0
-            self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
+        self.listening = activation.open_listening(self.settings)  # bound, or LISTEN_FDS
+        self.sockets, self.tls_sockets = self.listening.plain, self.listening.tls
+        self.listening.held_elsewhere = (self.handover.held_elsewhere if self.handover
+                                         else self.listening.inherited)
+        self.title_ports = ",".join(map(str, sorted(
+            {s.getsockname()[1] for s in self.sockets + self.tls_sockets})))
         self.drop_privileges()  # after binding (port 110 wants root), before any worker
         self.check_descriptor_limit()
         self.stats = StatsArea.create(2 * self.nworkers + 1, int(time.time()))
         self.stats.set(SUPERVISOR_SLOT, Counter.PID, os.getpid())
         self.stats.set_header(Header.LOGLEVEL,
                               logsetup.LEVEL_NAMES.index(self.settings.loglevel))
-        self.register_listeners()
+        if self.handover is not None:
+            upgrade.carry_penalties(self.stats, self.handover.stats_fd)  # before any worker
+        else:
+            self.register_listeners()
+        self.start_metrics()
         self._install_signals()
         for worker in self.workers:
             self.spawn_worker(worker)
@@ -91,8 +105,19 @@ class Supervisor(HeartbeatWatch, LogFiles):
             log.info("implicit TLS listening on %s",
                      ", ".join(listeners.describe(s) for s in self.tls_sockets))
         self.update_title()
-        if self.on_ready is not None:
+        if self.on_ready is not None and not self.awaiting_workers:
             self.on_ready(f"pid {os.getpid()} listening on {where}")
+
+    def start_metrics(self) -> None:
+        if self.listening.metrics is None:
+            return
+        self.metrics = MetricsServer(self.listening.metrics, self.stats,
+                                     self.worker_states).start()
+        log.info("metrics on http://%s/metrics", listeners.describe(self.listening.metrics))
+
+    def worker_states(self) -> dict[str, int]:
+        """Slots per state, for the metrics thread (reads attributes the loop writes)."""
+        return collections.Counter(w.state.value for w in list(self.workers))
 
     def check_descriptor_limit(self) -> None:
         """Raise the soft RLIMIT_NOFILE to the hard one (workers inherit it) and say whether
@@ -132,7 +157,8 @@ class Supervisor(HeartbeatWatch, LogFiles):
         self._wakeup = read_end
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.selector.register(read_end, selectors.EVENT_READ, "wakeup")
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                       signal.SIGUSR2):
             signal.signal(signum, self._record_signal)
 
     def _record_signal(self, signum, frame) -> None:
@@ -148,6 +174,8 @@ class Supervisor(HeartbeatWatch, LogFiles):
                     self.accept_connections(key.fileobj, key.data[1])
                 elif key.data == "wakeup":
                     self._drain_wakeup()
+                elif key.data == "successor":
+                    self.successor_spoke()
                 else:
                     self.read_worker_frames(key.data)
             self.handle_signals()
@@ -163,6 +191,7 @@ class Supervisor(HeartbeatWatch, LogFiles):
                 self.watch_workers()
                 self.manage_workers()
                 self.resume_listeners()
+                self.upgrade_turn()
             if self.rotation is not None and self.rotation.due():
                 self.rotate_log()
             if self.handler is not None:
@@ -200,6 +229,8 @@ class Supervisor(HeartbeatWatch, LogFiles):
             elif signum == signal.SIGHUP:
                 log.info("SIGHUP: reload")
                 self.broadcast(Kind.RELOAD)
+            elif signum == signal.SIGUSR2:
+                self.begin_upgrade()
 
     # -- connections ------------------------------------------------------------------------
     def accept_connections(self, listener: socket.socket, kind: int) -> None:
@@ -496,6 +527,9 @@ class Supervisor(HeartbeatWatch, LogFiles):
     def begin_stop(self, grace: int) -> None:
         """Refuse new connections, let sessions finish (``grace`` seconds, 0 = unbounded)."""
         self.stopping = True
+        if self.listening.held_elsewhere and self.sockets + self.tls_sockets:
+            log.info("stopping: the queue of new connections is left to systemd")
+            self.stop_accepting()
         if grace:
             deadline = time.monotonic() + grace + KILL_MARGIN_SECONDS
             self.stop_deadline = min(deadline, self.stop_deadline or deadline)
@@ -519,17 +553,17 @@ class Supervisor(HeartbeatWatch, LogFiles):
         self.stop_deadline = time.monotonic() + KILL_MARGIN_SECONDS
 
     def update_title(self) -> None:
-        ports = sorted({s.getsockname()[1] for s in self.sockets + self.tls_sockets})
         alive = len(self.alive_workers())
         notes = [f"{n} {what}" for n, what in (
             (sum(w.state is WorkerState.FATAL for w in self.workers), "FATAL"),
             (len(self.undead), "dead")) if n]
         extra = f" ({', '.join(notes)})" if notes else ""
-        setproctitle(f"iupop3: supervisor [{','.join(map(str, ports))}] {alive} workers{extra}")
+        setproctitle(f"iupop3: supervisor [{self.title_ports}] {alive} workers{extra}")
 
     def close(self) -> None:
-        for sock in self.sockets + self.tls_sockets:
-            sock.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.listening.close()
         signal.set_wakeup_fd(-1)
 
 

@@ -1,0 +1,143 @@
+"""Where the listening sockets come from: bound here, or inherited (systemd, an upgrade).
+
+sd_listen_fds(3): with ``LISTEN_PID`` equal to our pid, descriptors 3 .. 3+``LISTEN_FDS``-1 are
+listening sockets someone else bound; ``LISTEN_FDNAMES`` may name them. systemd's socket units
+and the supervisor's own upgrade (supervisor/upgrade.py) both pass sockets this way. Each one is
+checked (a listening TCP socket, IPv4, IPv6 or dual-stack), made close-on-exec so no worker ever
+holds a listener, and given its role: POP3, implicit TLS or metrics, by name or else by port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from shared import netaddr
+from supervisor import listeners
+
+FIRST_FD = 3  # SD_LISTEN_FDS_START
+ENV_NAMES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+POP3, POP3S, METRICS = "pop3", "pop3s", "metrics"  # the names LISTEN_FDNAMES may give
+
+
+class ActivationError(listeners.ListenError):
+    """An inherited descriptor we cannot serve on; the message is one line for the user."""
+
+
+@dataclass
+class Listening:
+    """Every listening socket of the supervisor, by role."""
+
+    plain: list[socket.socket] = field(default_factory=list)
+    tls: list[socket.socket] = field(default_factory=list)
+    metrics: socket.socket | None = None
+    inherited: bool = False       # passed to us with LISTEN_FDS (systemd or an upgrade)
+    held_elsewhere: bool = False  # systemd keeps its own copy: closing ours refuses nothing
+
+    def by_name(self) -> list[tuple[str, socket.socket]]:
+        """(role, socket) of each, in the order an upgrade passes them on."""
+        pairs = [(POP3, s) for s in self.plain] + [(POP3S, s) for s in self.tls]
+        return pairs + ([(METRICS, self.metrics)] if self.metrics is not None else [])
+
+    def close(self) -> None:
+        for _, sock in self.by_name():
+            sock.close()
+
+
+def open_listening(settings, environ=os.environ) -> Listening:
+    """The sockets given to us (LISTEN_FDS for this pid), or else the ones settings name."""
+    given = inherited_sockets(environ)
+    if given is not None:
+        return classify(given, settings)
+    out = Listening(plain=listeners.bind_all(settings.listen, settings.port))
+    try:
+        if settings.tls_cert and settings.tls_port:
+            # With -port 0 (tests) every listener takes a free port; each is logged.
+            tls_port = settings.tls_port if settings.port else 0
+            out.tls = listeners.bind_all(settings.listen, tls_port)
+        if settings.metrics:
+            host, port = netaddr.host_port(settings.metrics)
+            out.metrics = listeners.bind_all((f"[{host}]" if ":" in host else host,), port)[0]
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def inherited_sockets(environ) -> list[tuple[str, socket.socket]] | None:
+    """(name, socket) for each descriptor passed to this process, or None if none was.
+
+    The variables are removed from our environment (sd_listen_fds' unset_environment), so
+    workers, which inherit it, never take the descriptors for theirs.
+    """
+    if not environ.get("LISTEN_FDS"):
+        return None
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ENV_NAMES:
+        environ.pop(name, None)
+    if not pid.isdigit() or int(pid) != os.getpid():
+        return None  # meant for another process (the one that exec'd us, say)
+    if not count.isdigit() or int(count) < 1:
+        raise ActivationError(0, f"LISTEN_FDS={count!r} is not a number of sockets")
+    out = []
+    for i in range(int(count)):
+        name = names[i] if i < len(names) else ""
+        out.append((name, adopt(FIRST_FD + i, name)))
+    return out
+
+
+def adopt(fd: int, name: str = "") -> socket.socket:
+    """The listening TCP socket on ``fd``, close-on-exec and non-blocking; else raise."""
+    what = f"inherited descriptor {fd}" + (f" ({name})" if name else "")
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ActivationError(exc.errno, f"{what}: {exc.strerror}") from None
+    problem = None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        problem = "is not an IPv4 or IPv6 socket"
+    elif sock.type != socket.SOCK_STREAM:
+        problem = "is not a stream (TCP) socket"
+    elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        problem = "is not listening"
+    if problem:
+        sock.detach()  # not ours to close: say what is wrong and leave it
+        raise ActivationError(0, f"{what} {problem}")
+    sock.set_inheritable(False)  # workers are spawned: none of them may hold a listener
+    sock.setblocking(False)
+    return sock
+
+
+def classify(given: list[tuple[str, socket.socket]], settings) -> Listening:
+    """Roles by name when LISTEN_FDNAMES gives ours; else the -tls-port is implicit TLS, the
+    -metrics port serves metrics, and every other socket POP3."""
+    metrics_port = netaddr.host_port(settings.metrics)[1] if settings.metrics else -1
+    out = Listening(inherited=True)
+    for name, sock in given:
+        port = sock.getsockname()[1]
+        role = name if name in (POP3, POP3S, METRICS) else (
+            POP3S if settings.tls_cert and port == settings.tls_port else
+            METRICS if port == metrics_port else POP3)
+        if role == METRICS and out.metrics is None:
+            out.metrics = sock
+        elif role == POP3S and settings.tls_cert:
+            out.tls.append(sock)
+        elif role == POP3:
+            out.plain.append(sock)
+        else:
+            out.close()
+            sock.close()
+            raise ActivationError(0, f"inherited socket {listeners.describe(sock)} ({role}): "
+                                     "no setting serves it (-tls-cert, -metrics)")
+    if not out.plain and not out.tls:
+        out.close()
+        raise ActivationError(0, "no POP3 socket among the inherited ones")
+    return out
+
+
+def dual_stack(sock: socket.socket) -> bool:
+    """An IPv6 socket that also takes IPv4 clients (IPV6_V6ONLY off, systemd's default)."""
+    return (sock.family == socket.AF_INET6
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
