@@ -116,7 +116,7 @@ def carry_penalties(new: StatsArea, stats_fd: int) -> None:
         return
     try:
         for i in range(keytable.SECRET_BYTES // 8):
-            new.set_header(Header(Header.KEY_SECRET + i), old.get_header(Header.KEY_SECRET + i))
+            new.set_header(Header.KEY_SECRET + i, old.get_header(Header.KEY_SECRET + i))
         for which in Table:
             new.table(which).words[:] = old.table(which).words
     finally:
