@@ -135,9 +135,3 @@ def classify(given: list[tuple[str, socket.socket]], settings) -> Listening:
         out.close()
         raise ActivationError(0, "no POP3 socket among the inherited ones")
     return out
-
-
-def dual_stack(sock: socket.socket) -> bool:
-    """An IPv6 socket that also takes IPv4 clients (IPV6_V6ONLY off, systemd's default)."""
-    return (sock.family == socket.AF_INET6
-            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))

@@ -99,8 +99,8 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
         for worker in self.workers:
             self.spawn_worker(worker)
         where = ", ".join(listeners.describe(s) for s in self.sockets)
-        log.info("iupop3 supervisor %d listening on %s with %d workers", os.getpid(), where,
-                 self.nworkers)
+        log.info("iupop3 supervisor %d listening on %s with %d workers%s", os.getpid(), where,
+                 self.nworkers, " (sockets passed with LISTEN_FDS)" * self.listening.inherited)
         if self.tls_sockets:
             log.info("implicit TLS listening on %s",
                      ", ".join(listeners.describe(s) for s in self.tls_sockets))
