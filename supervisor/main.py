@@ -19,6 +19,9 @@ from supervisor.upgrade import Handover
 
 def _fail(message: str) -> int:
     print(f"iupop3: {message}", file=sys.stderr)
+    handover = Handover.from_environ()  # the new supervisor of an upgrade: tell the old one
+    if handover is not None:
+        daemon.Readiness(handover.ready_fd).failed(message)
     return 2
 
 
