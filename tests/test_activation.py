@@ -216,3 +216,45 @@ def test_socket_unit_beside_the_service_unit(tmp_path):
                           str(tmp_path / "iupop3.service")], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "iupop3.s" not in out.stderr, out.stderr
+
+
+def _settings(*args: str):
+    from shared import settings as settings_mod
+    return settings_mod.resolve(["-users", "/dev/null", *args])[0]
+
+
+def test_roles_by_name_then_by_port():
+    """LISTEN_FDNAMES pop3/pop3s/metrics decide; unnamed sockets go by -tls-port and -metrics."""
+    from supervisor import activation
+    socks = [_listener() for _ in range(4)]
+    ports = [s.getsockname()[1] for s in socks]
+    settings = _settings("-tls-cert", "/dev/null", "-tls-port", str(ports[1]),
+                         "-metrics", f"127.0.0.1:{ports[2]}")
+    try:
+        by_port = activation.classify([("iupop3.socket", s) for s in socks], settings)
+        assert by_port.plain == [socks[0], socks[3]] and by_port.tls == [socks[1]]
+        assert by_port.metrics is socks[2] and by_port.inherited
+        by_name = activation.classify(
+            [("metrics", socks[0]), ("pop3", socks[1]), ("pop3s", socks[3])], settings)
+        assert by_name.metrics is socks[0] and by_name.plain == [socks[1]]
+        assert by_name.tls == [socks[3]]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_environment_meant_for_another_process_is_ignored_and_removed():
+    """LISTEN_PID of another process: nothing is adopted, and the variables are gone (so the
+    workers, which inherit the environment, never see them)."""
+    from supervisor import activation
+    environ = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "pop3"}
+    assert activation.inherited_sockets(environ) is None and environ == {}
+
+
+def test_upgrade_handover_variable_is_strict():
+    """IUPOP3_UPGRADE is parsed whole or not at all (and removed from the environment)."""
+    from supervisor.upgrade import Handover
+    good = {"IUPOP3_UPGRADE": "ready=4,stats=5,pidfile=-1,from=77,held=1"}
+    assert Handover.from_environ(good) == Handover(4, -1, 5, 77, True) and good == {}
+    assert Handover.from_environ({"IUPOP3_UPGRADE": "ready=4,stats=x"}) is None
+    assert Handover.from_environ({}) is None

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import threading
 import urllib.request
 
 import pytest
@@ -15,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared import statsreport
 from shared.stats import Counter
 from supervisor import metrics
-from tests.conftest import USERS, assert_healthy
+from tests.conftest import ROOT, USERS, assert_healthy
 from tests.processes import wait_until
 
 needs_prometheus = pytest.mark.skipif(
@@ -142,7 +145,6 @@ def test_openmetrics_when_the_scraper_asks(start_server, tmp_path):
 def test_a_stuck_scraper_does_not_hold_up_pop3(start_server, tmp_path):
     """A scraper that connects and sends nothing: POP3 logins go on being served at once."""
     server = _metrics_server(start_server, tmp_path)
-    import socket
     stuck = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
     try:
         for _ in range(3):
@@ -154,8 +156,6 @@ def test_a_stuck_scraper_does_not_hold_up_pop3(start_server, tmp_path):
 
 def test_bad_metrics_address_is_one_line_and_exit_2(tmp_path):
     """-metrics without a port is refused before anything starts."""
-    import sys
-    from tests.conftest import ROOT
     result = subprocess.run([sys.executable, "-m", "supervisor", "-users", "/dev/null",
                              "-metrics", "localhost"], capture_output=True, text=True,
                             cwd=ROOT, timeout=30)
@@ -175,6 +175,8 @@ def _start_prometheus(tmp_path, target_port: int) -> tuple[subprocess.Popen, int
                             start_new_session=True)
     lines: list[str] = []
     port = 0
+    watchdog = threading.Timer(30, proc.kill)  # a Prometheus that never says it is ready
+    watchdog.start()
     # Bounded: Prometheus logs its port, then that it is ready, within its first lines (its
     # API answers 503 before that).
     for line in proc.stderr:
@@ -182,6 +184,7 @@ def _start_prometheus(tmp_path, target_port: int) -> tuple[subprocess.Popen, int
         match = re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)', line)
         port = int(match.group(1)) if match else port
         if port and "Server is ready to receive web requests" in line:
+            watchdog.cancel()
             return proc, port, lines
         if len(lines) > 200:
             break
@@ -202,7 +205,6 @@ def test_real_prometheus_records_the_figures(start_server, tmp_path):
     _known_load(server)
     proc, port, _ = _start_prometheus(tmp_path, server.metrics_port)
     try:
-        import threading
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain its log
         assert wait_until(lambda: _query(port, "iupop3_retrieved_messages_total"), timeout=30)
         retrieved = _query(port, "iupop3_retrieved_messages_total")[0]
@@ -219,3 +221,17 @@ def test_real_prometheus_records_the_figures(start_server, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9110", ("127.0.0.1", 9110)), ("[::1]:0", ("::1", 0)),
+    ("9110", None), ("localhost:9110", None), ("::1:9110", None), ("127.0.0.1:70000", None),
+    ("127.0.0.1:", None)])
+def test_metrics_address_form(text, expected):
+    """-metrics wants ADDRESS:PORT with an IP address (IPv6 in brackets), nothing looser."""
+    from shared import netaddr
+    if expected is None:
+        with pytest.raises(ValueError):
+            netaddr.host_port(text)
+    else:
+        assert netaddr.host_port(text) == expected
