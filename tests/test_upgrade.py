@@ -78,8 +78,9 @@ def _stop_new_generation(pid: int) -> None:
 
 
 def test_upgrade_refuses_no_connection(start_server, tmp_path, notify_socket):
-    """Logins back to back through SIGUSR2: none refused, reset or unanswered; the pid file
-    and systemd's MAINPID= name the new supervisor; the old one exits 0 after draining."""
+    """Logins back to back through SIGUSR2: none refused, reset or unanswered; a session open
+    across it finishes and its deletion is applied; the pid file and systemd's MAINPID= name
+    the new supervisor; the old one exits 0 after draining."""
     name, notify = notify_socket
     pidfile = tmp_path / "iupop3.pid"
     server = start_server("-pidfile", str(pidfile), "-metrics", "127.0.0.1:0",
@@ -92,15 +93,22 @@ def test_upgrade_refuses_no_connection(start_server, tmp_path, notify_socket):
     new = 0
     try:
         loop.wait_logins(5)
+        held = server.login("bob")  # a session of the old generation, open across the upgrade
         server.signal(signal.SIGUSR2)
         new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60).group(1))
         assert new != old and pidfile.read_text().strip() == str(new)
+        assert held.stat()[0] == 3 and held.dele(1).startswith(b"+OK")
+        held.quit()  # the old generation applies it, then has nothing left to drain
         assert server.wait_exit(60) == 0  # drained: the old generation is gone
+        assert len(list((server.maildir("bob") / "cur").iterdir())
+                   + list((server.maildir("bob") / "new").iterdir())) == 2
         loop.wait_logins(20)  # served by the new generation alone
-        messages = []
-        while not any(f"MAINPID={new}" in m for m in messages):
+        messages = [notify.recv(4096).decode()]  # the first start's READY=1
+        for _ in range(10):  # bounded: a handful of notices, each within the socket timeout
+            if f"MAINPID={new}" in messages[-1]:
+                break
             messages.append(notify.recv(4096).decode())
-        assert "READY=1" in messages[-1]
+        assert f"MAINPID={new}" in messages[-1] and "READY=1" in messages[-1], messages
     finally:
         loop.done.set()
         loop.join(30)
