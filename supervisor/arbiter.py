@@ -25,8 +25,8 @@ from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
 from supervisor import activation, daemon, listeners, upgrade
-from supervisor.metrics import MetricsServer
 from supervisor.logfiles import LogFiles
+from supervisor.metrics import MetricsServer
 from supervisor.rotation import MidnightRotation
 from supervisor.upgrade import Handover, Upgrades
 from supervisor.watchdog import HeartbeatWatch
