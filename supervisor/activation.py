@@ -49,14 +49,16 @@ def open_listening(settings, environ=os.environ) -> Listening:
     """The sockets given to us (LISTEN_FDS for this pid), or else the ones settings name."""
     given = inherited_sockets(environ)
     if given is not None:
-        return classify(given, settings)
-    out = Listening(plain=listeners.bind_all(settings.listen, settings.port))
+        out = classify(given, settings)
+    else:
+        out = Listening(plain=listeners.bind_all(settings.listen, settings.port))
     try:
-        if settings.tls_cert and settings.tls_port:
+        if settings.tls_cert and settings.tls_port and given is None:
             # With -port 0 (tests) every listener takes a free port; each is logged.
             tls_port = settings.tls_port if settings.port else 0
             out.tls = listeners.bind_all(settings.listen, tls_port)
-        if settings.metrics:
+        if settings.metrics and out.metrics is None:
+            # Bound here even when the POP3 sockets were given: a .socket unit need not carry it.
             host, port = netaddr.host_port(settings.metrics)
             out.metrics = listeners.bind_all((f"[{host}]" if ":" in host else host,), port)[0]
     except BaseException:

@@ -139,6 +139,16 @@ def test_systemd_socket_activate_starts_it_on_the_first_connection(activated):
     assert _holders(_inode(sock), [server.proc.pid]) == [server.proc.pid]
 
 
+def test_metrics_not_among_the_given_sockets_is_bound_by_the_server(activated):
+    """-metrics with only a POP3 socket passed: the server binds the metrics port itself."""
+    import urllib.request
+    sock = _listener()
+    server = activated([sock], "-metrics", "127.0.0.1:0")
+    port = int(server.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert b"iupop3_build_info" in reply.read()
+
+
 def test_separate_ipv4_ipv6_and_dual_stack_sockets_all_serve(activated):
     """An IPv4, an IPv6-only and a dual-stack IPv6 socket passed together: each serves, and
     no worker holds any of them."""
