@@ -29,7 +29,11 @@ PY = VENV / "bin" / "python"
 TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "openssl",
                         "useradd": "passwd", "chage": "passwd", "ip": "iproute2",
                         "unshare": "util-linux", "fail2ban-regex": "fail2ban",
-                        "haproxy": "haproxy"}
+                        "haproxy": "haproxy",
+                        # issue 14: promtool and a real Prometheus scrape -metrics;
+                        # systemd-socket-activate passes LISTEN_FDS sockets.
+                        "promtool": "prometheus", "prometheus": "prometheus",
+                        "systemd-socket-activate": "systemd"}
 
 
 def say(text: str) -> None:

@@ -89,3 +89,21 @@ class Networks:
         address = parse_address(text)
         return address is not None and any(
             address.version == n.version and address in n for n in self.networks)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9110`` or ``[::1]:9110`` as (address, port); ValueError says what is wrong
+    (an address and a port are both required: a listener on every interface is asked for
+    explicitly with ``0.0.0.0:PORT`` or ``[::]:PORT``)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"wants ADDRESS:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"wants an IPv6 address in brackets ([::1]:PORT), not {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"wants an IP address before the port, not {host!r}") from None
+    return host, int(port)

@@ -117,6 +117,13 @@ def _to_choice(setting: Setting, value: Any) -> str:
     return value.upper()
 
 
+def _metrics_address(value: str) -> str:
+    """-metrics: empty, or an address and port (checked here, bound by the supervisor)."""
+    if value:
+        netaddr.host_port(value)
+    return value
+
+
 _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
     "int": _to_int,
     "str": _to_str,
@@ -223,6 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
             "detach into the background (needs -logfile); returns once the server listens"),
     Setting("pidfile", "path", "",
             "write the supervisor's pid here; refuse to start while it names a running server"),
+    Setting("metrics", "str", "",
+            "serve Prometheus/OpenMetrics figures over HTTP on this ADDRESS:PORT "
+            "(e.g. 127.0.0.1:9110); empty = off", validator=lambda v: _metrics_address(v),
+            metavar="ADDR:PORT"),
     Setting("user", "str", "",
             "after binding the ports as root, run the supervisor and all workers as this user"),
     Setting("group", "str", "", "group to run as with -user (default: that user's own group)"),

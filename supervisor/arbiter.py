@@ -24,10 +24,13 @@ from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
-from supervisor import daemon, listeners
+from supervisor import activation, daemon, listeners, upgrade
+from supervisor.logfiles import LogFiles
+from supervisor.metrics import MetricsServer
 from supervisor.proxyintake import Pending, ProxyIntake, address_key as proxied_key
-from supervisor.watchdog import HeartbeatWatch
 from supervisor.rotation import MidnightRotation
+from supervisor.upgrade import Handover, Upgrades
+from supervisor.watchdog import HeartbeatWatch
 from supervisor.workers import (KILL_MARGIN_SECONDS, PROCESS_STATES, ROUTABLE_STATES,
                                 WAITING_STATES, WorkerProcess, WorkerState, load)
 
@@ -40,10 +43,17 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Supervisor(HeartbeatWatch):
-    def __init__(self, settings, on_ready: Callable[[str], None] | None = None):
+class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
+    def __init__(self, settings, on_ready: Callable[[str], None] | None = None,
+                 pidfile_fd: int = -1, handover: Handover | None = None):
         self.settings = settings
         self.on_ready = on_ready  # told "listening on ..." once the ports are bound
+        self.pidfile_fd = pidfile_fd  # an upgrade hands it on (supervisor/upgrade.py)
+        self.handover = handover      # we are the new generation of an upgrade
+        self.awaiting_workers = handover is not None  # accept only once they are all ready
+        self.listening = activation.Listening()
+        self.metrics: MetricsServer | None = None
+        self.title_ports = ""
         self.rotation: MidnightRotation | None = None
         self.nworkers = settings.workers or os.cpu_count() or 1
         self.workers = [WorkerProcess(slot) for slot in range(1, self.nworkers + 1)]
@@ -71,52 +81,49 @@ class Supervisor(HeartbeatWatch):
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
         self.open_log()
-        self.sockets = listeners.bind_all(self.settings.listen, self.settings.port)
-        if self.settings.tls_cert and self.settings.tls_port:
-            # With -port 0 (tests) every listener takes a free port; each is logged.
-            tls_port = self.settings.tls_port if self.settings.port else 0
-            self.tls_sockets = listeners.bind_all(self.settings.listen, tls_port)
-        proxy_plain, proxy_tls = self.intake.bind(self.sockets, self.tls_sockets)
-        self.sockets, self.tls_sockets = self.sockets + proxy_plain, self.tls_sockets + proxy_tls
+        self.listening = activation.open_listening(self.settings)  # bound, or LISTEN_FDS
+        self.intake.expect(self.listening)
+        listening = self.listening
+        self.sockets = listening.plain + listening.proxy_plain
+        self.tls_sockets = listening.tls + listening.proxy_tls
+        listening.held_elsewhere = (self.handover.held_elsewhere if self.handover
+                                    else listening.inherited)
+        self.title_ports = ",".join(map(str, sorted(
+            {s.getsockname()[1] for s in self.sockets + self.tls_sockets})))
         self.drop_privileges()  # after binding (port 110 wants root), before any worker
         self.check_descriptor_limit()
         self.stats = StatsArea.create(2 * self.nworkers + 1, int(time.time()))
         self.stats.set(SUPERVISOR_SLOT, Counter.PID, os.getpid())
         self.stats.set_header(Header.LOGLEVEL,
                               logsetup.LEVEL_NAMES.index(self.settings.loglevel))
-        self.register_listeners()
+        if self.handover is not None:
+            upgrade.carry_penalties(self.stats, self.handover.stats_fd)  # before any worker
+        else:
+            self.register_listeners()
+        self.start_metrics()
         self._install_signals()
         for worker in self.workers:
             self.spawn_worker(worker)
         where = ", ".join(listeners.describe(s) for s in self.sockets)
-        log.info("iupop3 supervisor %d listening on %s with %d workers", os.getpid(), where,
-                 self.nworkers)
+        log.info("iupop3 supervisor %d listening on %s with %d workers%s", os.getpid(), where,
+                 self.nworkers, " (sockets passed with LISTEN_FDS)" * self.listening.inherited)
         if self.tls_sockets:
             log.info("implicit TLS listening on %s",
                      ", ".join(listeners.describe(s) for s in self.tls_sockets))
         self.update_title()
-        if self.on_ready is not None:
+        if self.on_ready is not None and not self.awaiting_workers:
             self.on_ready(f"pid {os.getpid()} listening on {where}")
 
-    def open_log(self) -> None:
-        try:
-            self.handler = logsetup.configure("supervisor", self.settings.loglevel,
-                                              self.settings.logfile, self.settings.log_flush,
-                                              owners=self._log_owners())
-        except OSError as exc:
-            raise daemon.DaemonError(
-                f"cannot open the log file {self.settings.logfile}: {exc.strerror}") from None
-        if self.settings.logfile:
-            self.rotation = MidnightRotation(self.settings.logfile)
-            left = self.rotation.left_from_before()
-            if left is not None:
-                self.rotate_log(left)  # a file of an earlier day (stopped overnight)
+    def start_metrics(self) -> None:
+        if self.listening.metrics is None:
+            return
+        self.metrics = MetricsServer(self.listening.metrics, self.stats,
+                                     self.worker_states).start()
+        log.info("metrics on http://%s/metrics", listeners.describe(self.listening.metrics))
 
-    def _log_owners(self) -> tuple[int, ...]:
-        """Who may own an existing log file: this process, and the -user it becomes."""
-        if self.settings.user and os.geteuid() == 0:
-            return (0, daemon.identity_for(self.settings.user, self.settings.group).uid)
-        return (os.geteuid(),)
+    def worker_states(self) -> dict[str, int]:
+        """Slots per state, for the metrics thread (reads attributes the loop writes)."""
+        return collections.Counter(w.state.value for w in list(self.workers))
 
     def check_descriptor_limit(self) -> None:
         """Raise the soft RLIMIT_NOFILE to the hard one (workers inherit it) and say whether
@@ -145,26 +152,6 @@ class Supervisor(HeartbeatWatch):
         if missing:
             raise daemon.DaemonError(f"as user {identity.user}: " + "; ".join(missing))
 
-    def rotate_log(self, day=None) -> None:
-        """Midnight: the current file gets the day's name, every process continues in a new one."""
-        assert self.rotation is not None and self.handler is not None
-        log.info("a new day: the log continues in a new %s", self.rotation.path)
-        self.handler.flush()
-        try:
-            old = self.rotation.rotate(day)
-        except OSError as exc:
-            log.error("cannot rotate the log file %s: %s; writing on in it",
-                      self.rotation.path, exc.strerror or exc)
-            return
-        try:
-            self.handler.reopen()
-        except OSError as exc:  # a file planted meanwhile: keep writing the renamed one
-            log.error("cannot open the new log file %s: %s", self.rotation.path,
-                      exc.strerror or exc)
-            return
-        self.broadcast(Kind.REOPEN_LOG)
-        log.info("new log file; the lines before are in %s", old)
-
     def register_listeners(self) -> None:
         for sock in self.sockets:
             self.selector.register(sock, selectors.EVENT_READ, ("listener", handoff.PLAIN))
@@ -176,7 +163,8 @@ class Supervisor(HeartbeatWatch):
         self._wakeup = read_end
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.selector.register(read_end, selectors.EVENT_READ, "wakeup")
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                       signal.SIGUSR2):
             signal.signal(signum, self._record_signal)
 
     def _record_signal(self, signum, frame) -> None:
@@ -194,6 +182,8 @@ class Supervisor(HeartbeatWatch):
                     self._drain_wakeup()
                 elif isinstance(key.data, Pending):
                     self.intake.readable(key.data)
+                elif key.data == "successor":
+                    self.successor_spoke()
                 else:
                     self.read_worker_frames(key.data)
             self.handle_signals()
@@ -210,6 +200,7 @@ class Supervisor(HeartbeatWatch):
                 self.watch_workers()
                 self.manage_workers()
                 self.resume_listeners()
+                self.upgrade_turn()
             if self.rotation is not None and self.rotation.due():
                 self.rotate_log()
             if self.handler is not None:
@@ -247,6 +238,8 @@ class Supervisor(HeartbeatWatch):
             elif signum == signal.SIGHUP:
                 log.info("SIGHUP: reload")
                 self.broadcast(Kind.RELOAD)
+            elif signum == signal.SIGUSR2:
+                self.begin_upgrade()
 
     # -- connections ------------------------------------------------------------------------
     def accept_connections(self, listener: socket.socket, kind: int) -> None:
@@ -548,6 +541,9 @@ class Supervisor(HeartbeatWatch):
     def begin_stop(self, grace: int) -> None:
         """Refuse new connections, let sessions finish (``grace`` seconds, 0 = unbounded)."""
         self.stopping = True
+        if self.listening.held_elsewhere and self.sockets + self.tls_sockets:
+            log.info("stopping: the queue of new connections is left to systemd")
+            self.stop_accepting()
         if grace:
             deadline = time.monotonic() + grace + KILL_MARGIN_SECONDS
             self.stop_deadline = min(deadline, self.stop_deadline or deadline)
@@ -571,16 +567,16 @@ class Supervisor(HeartbeatWatch):
         self.stop_deadline = time.monotonic() + KILL_MARGIN_SECONDS
 
     def update_title(self) -> None:
-        ports = sorted({s.getsockname()[1] for s in self.sockets + self.tls_sockets})
         alive = len(self.alive_workers())
         notes = [f"{n} {what}" for n, what in (
             (sum(w.state is WorkerState.FATAL for w in self.workers), "FATAL"),
             (len(self.undead), "dead")) if n]
         extra = f" ({', '.join(notes)})" if notes else ""
-        setproctitle(f"iupop3: supervisor [{','.join(map(str, ports))}] {alive} workers{extra}")
+        setproctitle(f"iupop3: supervisor [{self.title_ports}] {alive} workers{extra}")
 
     def close(self) -> None:
-        for sock in self.sockets + self.tls_sockets:
-            sock.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.listening.close()
         signal.set_wakeup_fd(-1)
 

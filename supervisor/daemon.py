@@ -81,14 +81,17 @@ def identity_for(user: str, group: str = "") -> Identity:
 class Readiness:
     """Reports "listening" or the error once: to the waiting parent's pipe and to systemd."""
 
-    def __init__(self, fd: int = -1):
+    def __init__(self, fd: int = -1, main_pid: bool = False):
         self.fd = fd
         self.told = False
+        self.main_pid = main_pid  # an upgrade: systemd's main process is us from now on
 
     def ready(self, message: str) -> None:
         self.told = True
+        # NotifyAccess=all in the unit: systemd takes MAINPID= from a process it did not start.
+        pid = f"MAINPID={os.getpid()}\n" if self.main_pid else ""
+        sd_notify(f"{pid}READY=1\nSTATUS={message}")
         self._tell(f"ok {message}")
-        sd_notify("READY=1\nSTATUS=" + message)
 
     def failed(self, message: str) -> None:
         self.told = True
@@ -227,6 +230,15 @@ class PidFile:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.pid}\n".encode(), 0)
         self.fd = fd
+        return self
+
+    def take_over(self, fd: int) -> "PidFile":
+        """An upgrade: the old supervisor's open (and flocked) pid file, now naming us. The
+        old one then leaves the file alone, since it no longer holds its pid."""
+        self.fd = fd
+        self.pid = os.getpid()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.pid}\n".encode(), 0)
         return self
 
     def release(self) -> str | None:

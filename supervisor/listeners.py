@@ -50,4 +50,8 @@ def _bind(address: str, port: int) -> socket.socket:
 
 def describe(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+    if sock.family != socket.AF_INET6:
+        return f"{host}:{port}"
+    # systemd binds IPv6 sockets dual-stack by default (BindIPv6Only=default).
+    v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    return f"[{host}]:{port}" + ("" if v6only else " (dual-stack)")

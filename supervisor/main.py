@@ -14,10 +14,14 @@ from shared.logsetup import log
 from supervisor import checkconfig, daemon
 from supervisor.arbiter import Supervisor
 from supervisor.listeners import ListenError
+from supervisor.upgrade import Handover
 
 
 def _fail(message: str) -> int:
     print(f"iupop3: {message}", file=sys.stderr)
+    handover = Handover.from_environ()  # the new supervisor of an upgrade: tell the old one
+    if handover is not None:
+        daemon.Readiness(handover.ready_fd).failed(message)
     return 2
 
 
@@ -55,12 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings) -> int:
     """Run the supervisor, detached with -daemon; the pid file lives exactly as long as it."""
-    readiness = daemon.detach() if settings.daemon else daemon.Readiness()
+    handover = Handover.from_environ()  # we are the new generation of an upgrade (SIGUSR2)
+    if handover is not None:
+        readiness = daemon.Readiness(handover.ready_fd, main_pid=True)
+    else:
+        readiness = daemon.detach() if settings.daemon else daemon.Readiness()
     pidfile = None
     try:
-        if settings.pidfile:
+        pidfile_fd = -1
+        if settings.pidfile and handover is None:
             pidfile = daemon.PidFile(settings.pidfile).acquire()
-        return Supervisor(settings, on_ready=readiness.ready).run()
+            pidfile_fd = pidfile.fd
+        elif settings.pidfile and handover.pidfile_fd >= 0:
+            pidfile = daemon.PidFile(settings.pidfile)  # taken over once we are ready
+            pidfile_fd = handover.pidfile_fd
+        on_ready = _on_ready(readiness, pidfile, handover)
+        return Supervisor(settings, on_ready=on_ready, pidfile_fd=pidfile_fd,
+                          handover=handover).run()
     except (ListenError, daemon.DaemonError, OSError) as exc:
         if isinstance(exc, OSError) and readiness.told:
             raise  # not a start-up failure: keep the traceback
@@ -77,6 +92,19 @@ def serve(settings) -> int:
     finally:
         _release(pidfile)
         readiness.close()  # a daemon that dies before it listens: the parent sees EOF
+
+
+def _on_ready(readiness: "daemon.Readiness", pidfile: "daemon.PidFile | None",
+              handover: Handover | None):
+    """Readiness; after an upgrade the pid file is taken over first, so whoever hears "ready"
+    (the old supervisor, systemd) finds our pid in it."""
+    if handover is None or pidfile is None:
+        return readiness.ready
+
+    def ready(message: str) -> None:
+        pidfile.take_over(handover.pidfile_fd)
+        readiness.ready(message)
+    return ready
 
 
 def _release(pidfile: "daemon.PidFile | None") -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shared import keytable
 from shared.logsetup import log
-from shared.netaddr import Networks, parse_endpoint
+from shared.netaddr import Networks
 from shared.proxyprotocol import MAX_HEADER, ProxyError, ProxyHeader, header_length, parse
 from supervisor import listeners
 
@@ -50,29 +50,18 @@ class ProxyIntake:
         self.listeners: set[int] = set()  # descriptors of listeners that expect a header
         self.pending: dict[int, Pending] = {}
 
-    def bind(self, pop3: list[socket.socket],
-             tls: list[socket.socket]) -> tuple[list[socket.socket], list[socket.socket]]:
-        """Bind ``-proxy-listen`` and ``-proxy-tls-listen`` (returned: more POP3 and TLS
-        listeners) and note which listeners expect a header: those, and all of them with
+    def expect(self, listening) -> None:
+        """Note which listeners expect a header: the -proxy-listen and -proxy-tls-listen ones
+        (supervisor/activation.py binds or inherits them), and all of them with
         ``-proxy-protocol``."""
-        extra: tuple[list[socket.socket], list[socket.socket]] = ([], [])
-        try:
-            for endpoints, into in ((self.settings.proxy_listen, extra[0]),
-                                    (self.settings.proxy_tls_listen, extra[1])):
-                for endpoint in endpoints:
-                    host, port = parse_endpoint(endpoint)
-                    into.extend(listeners.bind_all((host,), port))
-        except BaseException:
-            for sock in extra[0] + extra[1]:
-                sock.close()
-            raise
-        expecting = extra[0] + extra[1] + (pop3 + tls if self.settings.proxy_protocol else [])
+        expecting = listening.proxy_plain + listening.proxy_tls
+        if self.settings.proxy_protocol:
+            expecting = expecting + listening.plain + listening.tls
         self.listeners = {sock.fileno() for sock in expecting}
         if expecting:
             log.info("PROXY protocol header expected on %s from %s",
                      ", ".join(listeners.describe(s) for s in expecting),
                      " ".join(str(n) for n in self.trusted.networks) or "nobody")
-        return extra
 
     def takes(self, listener: socket.socket, conn: socket.socket, kind: int) -> bool:
         """True when ``conn`` must begin with a header: it is ours now (handed off, waiting,

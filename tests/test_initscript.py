@@ -144,7 +144,8 @@ def test_systemd_unit(tmp_path):
     parser.optionxform = str
     parser.read_string(UNIT.read_text())
     service = parser["Service"]
-    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    # all: the new supervisor of an upgrade (SIGUSR2) reports MAINPID= (issue 14).
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "all"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert "-daemon" not in service["ExecStart"] and "-user" in service["ExecStart"]
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] in ("full", "strict")
