@@ -11,6 +11,7 @@ import os
 import poplib
 import pwd
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def site(request):
     with system_site() as made:
         made.add_group(made.group)
         member = ("-s", "/bin/bash", "-G", made.group)
-        for role in ("okshadow", "okpam", "wrong", "pen"):
+        for role in ("okshadow", "okpam", "wrong", "pen", "hup"):
             made.add_user(role, *member)
         made.add_user("lock", *member)
         run("usermod", "-L", made.users["lock"])
@@ -149,6 +150,19 @@ def test_useradd_after_start_logs_in_without_reload(site, servers, source):
         client.user(later.users["new"])
         assert client.pass_(later.passwords["new"]).startswith(b"+OK")
         client.quit()
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_sighup_swaps_the_source_and_logins_go_on(site, servers, source):
+    """SIGHUP rebuilds a system source (a fresh dummy; accounts need no reload) and keeps
+    serving; there is no file to watch."""
+    server, mark = servers[source], servers[source].mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"users source (shadow:|pam:\S+) reloaded \(reload request\)", start=mark)
+    client = server.pop()
+    client.user(site.users["hup"])
+    assert client.pass_(site.passwords["hup"]).startswith(b"+OK")
+    client.quit()
 
 
 def test_failed_login_penalty_holds_for_system_accounts(site, servers):
