@@ -134,16 +134,30 @@ class Accounts:
         else:  # {PLAIN} and digests: microseconds
             verdict = source.authenticate(user, password, rhost)
         elapsed = time.perf_counter() - started
-        if isinstance(source, PasswdFileSource):
-            account = source.lookup(user)
-            cost = _cost(account.password if account else source.users.dummy)
-            if cost in self._times:
-                self._times[cost] = 0.8 * self._times[cost] + 0.2 * elapsed
+        self._observe(source, user, elapsed)
         if not verdict.accepted:
             left = self.slowest - elapsed  # a failure lasts as long as the slowest class's check
             if left > 0:
                 self._sleep(left)
         return verdict
+
+    def _observe(self, source: AccountSource, user: str, elapsed: float) -> None:
+        """Fold a check's duration into its class's time (thread-pool queueing and the
+        machine's load included), so the padding follows what checks cost now."""
+        if isinstance(source, PasswdFileSource):
+            account = source.lookup(user)
+            cost = _cost(account.password if account else source.users.dummy)
+        elif self._times:
+            # A system source does not say which class a check was: a check that took at least
+            # half the slowest class's time is taken as one of it (PAM's own overhead, which
+            # the start-up measure of bare hashes misses, included); cheaper ones are padded.
+            cost = max(self._times, key=self._times.__getitem__)
+            if elapsed < self._times[cost] / 2:
+                return
+        else:
+            return
+        if cost in self._times:
+            self._times[cost] = 0.8 * self._times[cost] + 0.2 * elapsed
 
     def apop_timestamp(self) -> str:
         """A greeting timestamp unique to this session (RFC 1939 section 7)."""

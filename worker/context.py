@@ -18,7 +18,7 @@ from shared.accountsource import AccountSource, PasswdFileSource, Policy
 from shared.accountspec import PASSWD_FILE, UsersSpec
 from shared.keytable import Keyer
 from shared.stats import Header, StatsArea
-from shared.users import Account
+from shared.users import Account, Users
 from shared.version import VERSION
 from worker.accounts import Accounts
 from worker.authguard import AuthGuard
@@ -78,7 +78,8 @@ def build_context(settings: Any, area: StatsArea, slot: int,
     channel, a sans-IO test takes the defaults (no supervisor, work done in place). A test
     may pass a parsed users table for ``source``: it serves as a passwd-file."""
     if isinstance(source, dict):
-        source = PasswdFileSource(UsersSpec(PASSWD_FILE, settings.users), source,
+        table = source if isinstance(source, Users) else Users(source)
+        source = PasswdFileSource(UsersSpec(PASSWD_FILE, settings.users), table,
                                   Policy.from_settings(settings))
     hostname = settings.hostname or socket.gethostname()
     xtnd = XtndAuthorization(settings.xtnd)
