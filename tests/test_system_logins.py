@@ -115,6 +115,7 @@ def test_system_user_logs_in_and_owns_what_the_server_makes(site, servers, sourc
     _owned(trash / "maildirfolder", entry, 0o600)
     assert [p.name for p in (trash / "cur").iterdir()] == ["1700000001.M1.test:2,"]
     server.wait_for(rf"user {name} logged in from 127\.0\.0\.1")
+    server.wait_for(r"running as root: -users (shadow:|pam:\S+) serves system accounts")
 
 
 @pytest.mark.parametrize("source", SOURCES)
