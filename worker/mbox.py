@@ -478,9 +478,13 @@ class Mbox:
                 pos = record.end + record.tail
             _copy_range(source, new, pos, None, dot.touch, self.hook)
             mine = os.fstat(new)
+            # The mode while the file is still ours (a root without CAP_FOWNER may not chmod
+            # the user's), then the owner; chown clears a setuid/setgid bit, so it goes back.
+            os.fchmod(new, stat.S_IMODE(spool.st_mode) & 0o777)
             if (mine.st_uid, mine.st_gid) != (spool.st_uid, spool.st_gid):
                 os.fchown(new, spool.st_uid, spool.st_gid)  # EPERM: refuse rather than steal
-            os.fchmod(new, stat.S_IMODE(spool.st_mode))
+            if stat.S_IMODE(spool.st_mode) & 0o7000:
+                os.fchmod(new, stat.S_IMODE(spool.st_mode))
             os.fsync(new)
         except BaseException:
             os.close(new)

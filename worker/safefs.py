@@ -54,10 +54,12 @@ def give(fd: int, owner: Owner | None, mode: int) -> None:
     if owner is None:
         return
     st = os.fstat(fd)
+    # The mode first, while the entry is still ours: no CAP_FOWNER needed. A chown keeps a
+    # directory's setgid bit, and a file's mode never has one (Owner.file_mode).
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
         os.fchown(fd, owner.uid, owner.gid)
-    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:  # after fchown, which may clear setgid
-        os.fchmod(fd, mode)
 
 
 class UnsafeEntry(OSError):
