@@ -20,8 +20,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Server, sample, write_message
+from shared import accountsource
+from shared.accountsource import Verdict
+from shared.users import Account
 from systemaccounts import PREFIX, Site, run, system_site, why_not_system_accounts
 from worker import replies as R
+from worker.accounts import Accounts
 
 SOURCES = ("shadow", "pam")
 PAM_EXAMPLE = (ROOT / "etc" / "pam.d" / "iupop3").read_text()
@@ -201,3 +205,40 @@ def test_system_accounts_with_user_refused_at_start(tmp_path, source):
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1
     assert "needs the workers to keep root" in out.stderr and "-user nobody" in out.stderr
+
+
+# -- the padding, without system accounts ----------------------------------------------------------
+class _InstantSource:
+    """A system-like source whose verdicts cost nothing: what is left is the padding's."""
+
+    CHECKS_PER_LOGIN = 2
+    spec = "shadow:"
+
+    def __init__(self, accept: bool = False):
+        self.accept = accept
+
+    def cost_examples(self, limit: int) -> list[str]:
+        return [accountsource.site_dummy([])]  # libxcrypt's default method and cost
+
+    def needs_thread(self, name: str) -> bool:
+        return True
+
+    def lookup(self, name: str) -> Account | None:
+        return None
+
+    def authenticate(self, name: str, password: bytes, rhost: str = "") -> Verdict:
+        return Verdict(Account(name, "")) if self.accept else Verdict(None, "unknown user")
+
+
+def test_system_source_refusals_are_padded_to_the_site_hash_cost():
+    """A refusal that cost nothing still lasts what a check of the site's hash class costs;
+    an accepted login is not padded (worker/accounts.py, every source)."""
+    waits: list[float] = []
+    accounts = Accounts(_InstantSource(), sleep=waits.append)
+    assert accounts.slowest > 0
+    assert accounts.authenticate("jones", b"x", "127.0.0.1").account is None
+    assert len(waits) == 1 and 0 < waits[0] <= accounts.slowest
+    accounts = Accounts(_InstantSource(accept=True), sleep=waits.append)
+    assert accounts.authenticate("jones", b"x", "127.0.0.1").account is not None
+    assert len(waits) == 1
+    assert accounts.authenticate_apop("jones", "<1.2@host>", "0" * 32).account is None
