@@ -242,3 +242,15 @@ def test_system_source_refusals_are_padded_to_the_site_hash_cost():
     assert accounts.authenticate("jones", b"x", "127.0.0.1").account is not None
     assert len(waits) == 1
     assert accounts.authenticate_apop("jones", "<1.2@host>", "0" * 32).account is None
+
+
+def test_one_slow_system_check_does_not_pad_every_refusal_for_good():
+    """After a check that took long (a stuck NSS or PAM backend), ordinary checks bring the
+    padding back down: it follows the load, it does not ratchet up."""
+    accounts = Accounts(_InstantSource(), sleep=lambda seconds: None)
+    usual = accounts.slowest
+    accounts._observe(accounts.source, "jones", usual * 100)
+    assert accounts.slowest > usual * 10
+    for _ in range(40):
+        accounts._observe(accounts.source, "jones", usual)
+    assert accounts.slowest < usual * 1.5

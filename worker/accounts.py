@@ -83,12 +83,14 @@ class Accounts:
         # Seconds a check of each hash class takes: measured at load; for a passwd-file then a
         # moving average of the checks made (thread-pool queueing and the machine's load included).
         self._times: dict[Any, float] = {}
+        self._baseline = 0.0  # the slowest class's time as measured at load
         self._install(source)
 
     def _install(self, source: AccountSource) -> None:
         times = self._offload(source_check_times, source)
         # One assignment each: a session sees the old source or the new one.
         self.source, self._times = source, times
+        self._baseline = max(times.values(), default=0.0)
 
     @property
     def slowest(self) -> float:
@@ -149,10 +151,12 @@ class Accounts:
             cost = _cost(account.password if account else source.users.dummy)
         elif self._times:
             # A system source does not say which class a check was: a check that took at least
-            # half the slowest class's time is taken as one of it (PAM's own overhead, which
-            # the start-up measure of bare hashes misses, included); cheaper ones are padded.
+            # half the slowest class's time measured at load is taken as one of it (PAM's own
+            # overhead, which that measure of bare hashes misses, included); cheaper ones are
+            # padded. Against the load-time measure, not the average: after one slow check
+            # (a stuck NSS server) the ordinary ones still count and bring the average back.
             cost = max(self._times, key=self._times.__getitem__)
-            if elapsed < self._times[cost] / 2:
+            if elapsed < self._baseline / 2:
                 return
         else:
             return
