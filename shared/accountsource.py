@@ -152,12 +152,24 @@ def default_setting(prefix: str | None = None) -> str:
     return made.decode("ascii") if made else ""
 
 
-def _shadow_dummy(path: str) -> str:
+def _shadow_hashes(path: str) -> list[str]:
     try:
         data = shadowfile.read_shadow(path)
     except shadowfile.ShadowError:
-        return site_dummy(())
-    return site_dummy([e.usable_hash for e in shadowfile.entries(data) if e.usable_hash])
+        return []
+    return [e.usable_hash for e in shadowfile.entries(data) if e.usable_hash]
+
+
+def _shadow_dummy(path: str) -> str:
+    return site_dummy(_shadow_hashes(path))
+
+
+def cost_examples(hashes: Collection[str], limit: int) -> list[str]:
+    """One dummy per method+cost among ``hashes``, the ``limit`` most common: what a worker
+    times to pad refusals (worker/accounts.py), never a real account's hash."""
+    usable = [h for h in hashes if h.startswith("$") and len(h.split("$")) >= 4]
+    keys = Counter(map(_cost_key, usable)).most_common(limit)
+    return [site_dummy([h for h in usable if _cost_key(h) == key]) for key, _ in keys]
 
 
 # -- the sources ---------------------------------------------------------------------------------
@@ -214,8 +226,15 @@ class SystemSource:
         return type(self)(self.spec, self.policy, _shadow_dummy(self.shadow_path),
                           self.shadow_path)
 
+    # How many hash checks one login costs (worker/accounts.py pads refusals to that).
+    CHECKS_PER_LOGIN = 1
+
     def lookup(self, name: str) -> Account | None:
         return nss_account(name)
+
+    def cost_examples(self, limit: int) -> list[str]:
+        """Dummies of the site's hash classes (blocking: reads /etc/shadow)."""
+        return cost_examples(_shadow_hashes(self.shadow_path), limit)
 
     def needs_thread(self, name: str) -> bool:
         return True
@@ -263,6 +282,7 @@ class PamSource(SystemSource):
     # the hash twice (two 16 MiB yescrypt regions), and it took 2.1-2.4 times one libxcrypt
     # check for $6$ and $y$ alike: a refusal that does not ask PAM checks as many times.
     PAM_HASHES = 2
+    CHECKS_PER_LOGIN = PAM_HASHES
 
     @property
     def service(self) -> str:

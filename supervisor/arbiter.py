@@ -21,6 +21,7 @@ from setproctitle import setproctitle
 
 from shared import descriptors, handoff, logsetup, refusal
 from shared import settings as settings_mod
+from shared.accountspec import parse_users_spec
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import SUPERVISOR_SLOT, Counter, Header, StatsArea
@@ -140,7 +141,10 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
         """With -user, become that user for good and check it can reach what it needs."""
         settings = self.settings
         if not settings.user:
-            if os.geteuid() == 0:
+            if os.geteuid() == 0 and parse_users_spec(settings.users).system:
+                # The privilege model (shared/accountspec.py): system accounts keep root.
+                log.info("running as root: -users %s serves system accounts", settings.users)
+            elif os.geteuid() == 0:
                 log.info("warning: running as root; -user NAME would drop root after binding")
             return
         identity = daemon.identity_for(settings.user, settings.group)

@@ -8,7 +8,7 @@ import sys
 from shared import descriptors, settings as settings_mod
 from shared.settings import SettingsError
 from shared.tlsconfig import TlsConfigError, server_context
-from shared.users import UsersFileError, load_users
+from shared.accountsource import startup_problem
 from shared.xtndauth import XtndAuthError, load as load_xtnd_auth
 from shared.logsetup import log
 from supervisor import checkconfig, daemon
@@ -42,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     problem = daemon.check_settings(settings)
     if problem:
         return _fail(problem)
+    # Fail fast, before any worker starts: the users source, and -users shadow:/pam: with
+    # -user (system accounts need the workers to keep root: shared/accountspec.py).
+    problem = startup_problem(settings)
+    if problem:
+        return _fail(problem)
     try:
-        load_users(settings.users)  # fail fast, before any worker starts
         load_xtnd_auth(settings.xtnd)  # workers load it themselves; a typo stops us here
         if settings.tls_cert:
             server_context(settings.tls_cert, settings.tls_key)
-    except (UsersFileError, TlsConfigError, XtndAuthError) as exc:
+    except (TlsConfigError, XtndAuthError) as exc:
         return _fail(str(exc))
     if check_only:  # everything a start checks has passed: show what it would run with
         sys.stdout.write(checkconfig.render(settings, argv))

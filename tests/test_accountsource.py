@@ -6,15 +6,11 @@ delete every user and group they make, even when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import grp
-import secrets
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,11 +20,12 @@ from shared import accountspec, pamauth, passwords, shadowfile
 from shared import settings as S
 from shared.shadowfile import ShadowEntry, parse_shadow_line, shadow_refusal
 from shared.users import Account, parse_users
+from systemaccounts import PREFIX, Site, exists as _exists, run as _run, system_site
+from systemaccounts import why_not_system_accounts as _why_not_system_accounts
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 20_000  # a fixed "today" for the sans-IO verdicts
 HASH = "$6$saltsalt$" + "x" * 86
-PREFIX = "iupt"  # every user and group these tests make starts with it
 
 
 def entry(password: str = HASH, lastchg: str = str(DAY - 10), mx: str = "99999",
@@ -220,91 +217,6 @@ def test_passwd_file_source_verdicts():
 
 
 # -- real system accounts ---------------------------------------------------------------------------
-def _why_not_system_accounts(config) -> str | None:
-    if not (os.environ.get("CI") or config.getoption("--system-accounts")):
-        return "creates real system users: runs when CI is set or with --system-accounts"
-    if os.geteuid() != 0:
-        return "creates real system users with useradd: needs root"
-    missing = [tool for tool in ("useradd", "userdel", "chpasswd", "chage", "usermod", "passwd",
-                                 "groupadd", "groupdel") if shutil.which(tool) is None]
-    if missing:
-        return f"needs {' '.join(missing)} (Debian package passwd)"
-    if not os.path.isdir("/etc/pam.d"):
-        return "needs Linux-PAM (/etc/pam.d)"
-    return None
-
-
-def _run(*command: str, stdin: str | None = None) -> None:
-    subprocess.run(command, input=stdin, text=True, check=True, capture_output=True, timeout=60)
-
-
-def _exists(name: str, database=pwd.getpwnam) -> bool:
-    try:
-        database(name)
-    except KeyError:
-        return False
-    return True
-
-
-@dataclass
-class Site:
-    """What the tests made: users by role, their passwords, the group and the PAM services."""
-
-    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
-    users: dict[str, str] = field(default_factory=dict)  # role -> user name
-    passwords: dict[str, str] = field(default_factory=dict)  # role -> password
-    groups: list[str] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
-
-    @property
-    def group(self) -> str:
-        return f"{PREFIX}{self.suffix}g"
-
-    def add_group(self, name: str) -> None:
-        self.groups.append(name)
-        _run("groupadd", name)
-
-    def add_user(self, role: str, *options: str, method: str = "") -> str:
-        """useradd a user with a home, then chpasswd its password (-c METHOD if given)."""
-        name = f"{PREFIX}{self.suffix}{role}"
-        self.users[role] = name
-        _run("useradd", "-m", *options, name)
-        self.passwords[role] = password = secrets.token_urlsafe(12) + " x"
-        _run("chpasswd", *(("-c", method) if method else ()), stdin=f"{name}:{password}\n")
-        return name
-
-    def install(self, path: Path, text: str) -> Path:
-        self.files.append(path)
-        path.write_text(text)
-        return path
-
-    def remove_all(self) -> list[str]:
-        """Delete everything made (each step on its own); the names still present after."""
-        for name in self.users.values():
-            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=60)
-        for name in self.groups:
-            subprocess.run(["groupdel", name], capture_output=True, timeout=60)
-        for path in self.files:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        left = [n for n in self.users.values() if _exists(n)]
-        left += [n for n in self.groups if _exists(n, grp.getgrnam)]
-        left += [str(p) for p in self.files if p.exists()]
-        return left + [n for n in self.users.values() if os.path.exists(f"/home/{n}")]
-
-
-@contextlib.contextmanager
-def system_site():
-    """A Site whose users, groups and files are deleted on the way out, even on failure;
-    leaving any behind fails the test that used it."""
-    site = Site()
-    try:
-        yield site
-    finally:
-        left = site.remove_all()
-        assert not left, f"test users, groups or files left behind: {left}"
-
-
 PAM_EXAMPLE = (ROOT / "etc" / "pam.d" / "iupop3").read_text()
 
 

@@ -176,3 +176,116 @@ def test_symlinked_home_maildir_only_when_link_and_target_are_the_accounts(tmp_p
     assert drop.scan() == []
     drop.unlock()
     assert sorted(os.listdir(target)) == [".iupop3.lock", "cur", "new", "tmp"]
+
+
+# -- what the server makes belongs to the account (issue 12) -----------------------------------
+def test_factory_passes_the_accounts_uid_and_gid(tmp_path):
+    """open_maildrop gives the Maildir the account's uid and gid; none given: None (the
+    Maildir's own then)."""
+    class Settings:
+        mail = f"maildir:{tmp_path}/%u"
+        wastebasket = store.WASTEBASKET
+        purge_reclaim = False
+
+    drop = store.open_maildrop(Settings, Account("alice", "x", uid="1234", gid="5678"),
+                               store.PLAIN)
+    assert (drop.owner, drop.group) == (1234, 5678)
+    drop = store.open_maildrop(Settings, Account("bob", "x"), store.PLAIN)
+    assert (drop.owner, drop.group) == (None, None)
+
+
+def _ids(path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def _delete_one(drop: Maildir, maildir, uid: int) -> None:
+    """Log in (the Maildir is made if missing), deliver one message of ``uid``, delete it."""
+    from conftest import sample, write_message
+
+    drop.lock()
+    drop.unlock()
+    message = write_message(maildir, "1700000001.M1.test", sample(1))
+    os.chown(message, uid, -1)
+    drop.lock()
+    try:
+        drop.commit(drop.scan())
+    finally:
+        drop.unlock()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another owner needs root")
+def test_maildir_made_at_first_login_and_trash_belong_to_the_account(tmp_path):
+    """A Maildir made at first login, its cur/new/tmp, the lock, and the wastebasket with its
+    marker get the account's uid and gid, 0700 and 0600."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 4321, 8765)
+    drop = Maildir((str(home), ("Maildir",)), owner=4321, group=8765)
+    _delete_one(drop, home / "Maildir", 4321)
+    maildir = home / "Maildir"
+    for path in (maildir, maildir / "cur", maildir / "new", maildir / "tmp",
+                 maildir / ".Trash", maildir / ".Trash" / "cur", maildir / ".Trash" / "tmp"):
+        assert _ids(path) == (4321, 8765, 0o700), path
+    assert _ids(maildir / ".iupop3.lock") == (4321, 8765, 0o600)
+    assert _ids(maildir / ".Trash" / "maildirfolder") == (4321, 8765, 0o600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another owner needs root")
+def test_without_ids_the_maildirs_own_owner_and_mode_are_used(tmp_path):
+    """An account without uid/gid: what the server makes gets the Maildir's owner, group and
+    mode (files without the execute bits)."""
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 4321, 8765)
+    maildir.chmod(0o750)
+    drop = Maildir(str(maildir))
+    _delete_one(drop, maildir, 4321)
+    assert _ids(maildir / ".Trash") == (4321, 8765, 0o750)
+    assert _ids(maildir / ".Trash" / "new") == (4321, 8765, 0o750)
+    assert _ids(maildir / ".Trash" / "maildirfolder") == (4321, 8765, 0o640)
+    assert _ids(maildir / ".iupop3.lock") == (4321, 8765, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another owner needs root")
+def test_a_folder_someone_else_made_is_never_taken_over(tmp_path):
+    """open_dir(create=True) gives away only a directory it made itself."""
+    from worker import safefs
+
+    (tmp_path / ".Trash").mkdir()
+    os.chown(tmp_path / ".Trash", 4000, 4000)
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.close(safefs.open_dir(parent, ".Trash", create=True,
+                                 owner=safefs.Owner(4321, 8765, 0o700)))
+    finally:
+        os.close(parent)
+    assert _ids(tmp_path / ".Trash")[:2] == (4000, 4000)
+
+
+def test_created_files_never_follow_a_planted_symlink(tmp_path):
+    """create_file, open_or_create and ensure_file refuse a symlink at the name and leave its
+    target alone."""
+    import errno
+
+    from worker import safefs
+
+    target = tmp_path / "target"
+    target.write_text("keep")
+    (tmp_path / "name").symlink_to(target)
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    owner = safefs.Owner(os.getuid(), os.getgid(), 0o700)
+    try:
+        with pytest.raises(FileExistsError):
+            safefs.create_file(parent, "name", owner)
+        with pytest.raises(OSError) as caught:
+            safefs.open_or_create(parent, "name", owner)
+        assert caught.value.errno == errno.ELOOP
+        with pytest.raises(safefs.UnsafeEntry):
+            safefs.ensure_file(parent, "name", owner)
+        fd = safefs.open_or_create(parent, "fresh", owner)
+        os.close(fd)
+    finally:
+        os.close(parent)
+    assert target.read_text() == "keep"
+    assert _ids(tmp_path / "fresh") == (os.getuid(), os.getgid(), 0o600)

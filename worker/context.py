@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared.accountsource import AccountSource, PasswdFileSource, Policy
+from shared.accountspec import PASSWD_FILE, UsersSpec
 from shared.keytable import Keyer
 from shared.stats import Header, StatsArea
-from shared.users import Account
+from shared.users import Account, Users
 from shared.version import VERSION
 from worker.accounts import Accounts
 from worker.authguard import AuthGuard
@@ -71,19 +73,25 @@ class ServerContext:
         return store.open_maildrop(self.settings, account, self.rewriter)
 
 
-def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Account], *,
+def build_context(settings: Any, area: StatsArea, slot: int,
+                  source: AccountSource | dict[str, Account], *,
                   offload: Callable[..., Any] = _direct,
                   sleep: Callable[[float], Any] = time.sleep,
                   supervisor: SupervisorLink = DETACHED) -> ServerContext:
     """Every part, made once; worker/main.py passes the thread pool, gevent's sleep and the
-    channel, a sans-IO test takes the defaults (no supervisor, work done in place)."""
+    channel, a sans-IO test takes the defaults (no supervisor, work done in place). A test
+    may pass a parsed users table for ``source``: it serves as a passwd-file."""
+    if isinstance(source, dict):
+        table = source if isinstance(source, Users) else Users(source)
+        source = PasswdFileSource(UsersSpec(PASSWD_FILE, settings.users), table,
+                                  Policy.from_settings(settings))
     hostname = settings.hostname or socket.gethostname()
     xtnd = XtndAuthorization(settings.xtnd)
     xtnd.reload("startup")  # a bad file: an ERROR, and nobody is authorized until it is fixed
     keys = Keyer(area.key_secret(), settings.ipv6_prefix)
     return ServerContext(
         settings,
-        accounts=Accounts(settings.users, users, offload, hostname, sleep),
+        accounts=Accounts(source, offload, hostname, sleep),
         tls=TlsService(settings.tls_cert, settings.tls_key),
         stats=SessionStats(area, slot),
         supervisor=supervisor,

@@ -27,7 +27,6 @@ from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, Maild
 LOCK_NAME = ".iupop3.lock"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
 SUBS = ("cur", "new", "tmp")
-_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
 Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
@@ -94,15 +93,19 @@ class Maildir:
     Opened from ``where`` = (trusted directory, components below it) as worker.safefs walks
     it; then every name is resolved relative to the Maildir's descriptor, and only regular
     files of ``owner`` (the users file's uid, else the Maildir's own) are counted, served,
-    moved or deleted. Anything else is skipped with one INFO line.
+    moved or deleted. Anything else is skipped with one INFO line. What the server makes in it
+    (sub folders, the wastebasket, ``.MAIL``, the lock) belongs to ``owner`` and ``group``
+    (else the Maildir's own) with the Maildir's mode: worker.safefs ``Owner``.
     """
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
-                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None):
+                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None,
+                 group: int | None = None):
         self.trusted, self.below = (where, ()) if isinstance(where, str) else where
         self.path = os.path.join(self.trusted, *self.below)
         self.sizing = sizing
         self.owner = owner
+        self.group = group
         self.wastebasket = wastebasket
         self.purge = purge
         self._root_fd: int | None = None
@@ -116,16 +119,18 @@ class Maildir:
         per open file, so it holds across workers and between two sessions of one worker, and
         dies with the process that holds it."""
         try:
-            root = safefs.walk(self.trusted, self.below, self.owner, create=True)
+            root = safefs.walk(self.trusted, self.below, self.owner, create=True,
+                               group=self.group)
         except UnsafeEntry as exc:
             raise MaildropError(self._refused(exc)) from None
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
         try:
-            owner = self.owner if self.owner is not None else os.fstat(root).st_uid
+            made = self.made_owner(root)
+            owner = made.uid
             for sub in SUBS:  # none may be a symlink: checked once here, for the session
-                os.close(safefs.open_dir(root, sub, create=True, owner=owner))
-            fd = os.open(LOCK_NAME, _LOCK_FLAGS, 0o600, dir_fd=root)
+                os.close(safefs.open_dir(root, sub, create=True, owner=made))
+            fd = safefs.open_or_create(root, LOCK_NAME, made, os.O_RDWR)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 os.close(fd)
@@ -141,6 +146,11 @@ class Maildir:
             os.close(root)
             raise
         self._root_fd, self.owner = root, owner
+
+    def made_owner(self, root: int) -> safefs.Owner:
+        """Whom what the server makes in this Maildir belongs to: the account's uid and gid
+        (else the Maildir's own), with the Maildir's mode (issue 12)."""
+        return safefs.Owner.of(os.fstat(root), self.owner, self.group)
 
     def _refused(self, exc: OSError) -> str:
         what = escaped(str(exc.filename))
@@ -307,14 +317,15 @@ class Maildir:
 
     def _folder(self, root: int, name: str, opened: list[int]) -> int:
         """The cur/ descriptor of a Maildir++ folder of this maildrop, made if missing."""
-        folder = safefs.open_dir(root, name, create=True, owner=self.owner)
+        made = self.made_owner(root)
+        folder = safefs.open_dir(root, name, create=True, owner=made)
         opened.append(folder)
         for sub in SUBS:
-            fd = safefs.open_dir(folder, sub, create=True, owner=self.owner)
+            fd = safefs.open_dir(folder, sub, create=True, owner=made)
             opened.append(fd)
             if sub == "cur":
                 cur = fd
-        safefs.ensure_file(folder, MARKER)
+        safefs.ensure_file(folder, MARKER, made)
         return cur
 
     def _remove(self, root: int, folders: dict[str, int | None], message: Message,

@@ -24,7 +24,7 @@ from shared import settings as settings_mod
 from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import TICK_SECONDS, Counter, Header, StatsArea
-from shared.users import UsersFileError, load_users
+from shared.accountsource import AccountSourceError, open_source
 from worker import xtnd
 from worker.connection import Connection
 from worker.context import ServerContext, build_context
@@ -290,14 +290,16 @@ def main(argv: list[str]) -> int:
     level = logsetup.LEVEL_NAMES[stats.get_header(Header.LOGLEVEL)]
     handler = logsetup.configure(f"worker-{slot}", level, settings.logfile, settings.log_flush)
     try:
-        users = load_users(settings.users)
-    except UsersFileError as exc:
+        # Blocking, on purpose before serving: it reads the users file or /etc/shadow, and a
+        # pam: source imports its binding (which runs ldconfig) here, not in a session.
+        source = open_source(settings)
+    except AccountSourceError as exc:
         log.error("%s", exc)
         return 1
     hub = gevent.get_hub()
     link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                                fileno=CHANNEL_FD))
-    ctx = build_context(settings, stats, slot, users,
+    ctx = build_context(settings, stats, slot, source,
                         offload=lambda f, *a: in_threadpool(hub, f, *a),
                         sleep=gevent.sleep, supervisor=link)
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])

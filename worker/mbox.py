@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from shared.logsetup import escaped, log
+from worker import safefs
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
@@ -323,13 +324,15 @@ class Mbox:
         except FileNotFoundError:
             if owner is None:
                 return None
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            # A sibling (USER.Trash, USER.MAIL) gets the spool's owner, group and mode, made
+            # by descriptor (worker.safefs); a FileExistsError race is the caller's OSError.
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                if os.geteuid() == 0:
-                    os.fchown(fd, owner.st_uid, owner.st_gid)
-                os.fchmod(fd, stat.S_IMODE(owner.st_mode))
-            except OSError as exc:
-                log.info("cannot give %s the spool's owner: %s", path, exc.strerror)
+                fd = safefs.create_file(directory, os.path.basename(path),
+                                        safefs.Owner.of(owner, mode=stat.S_IMODE(owner.st_mode)
+                                                        & 0o666), flags)
+            finally:
+                os.close(directory)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OSError(errno.EINVAL, "not a regular file", path)
@@ -480,9 +483,13 @@ class Mbox:
                 pos = record.end + record.tail
             _copy_range(source, new, pos, None, dot.touch, self.hook)
             mine = os.fstat(new)
+            # The mode while the file is still ours (a root without CAP_FOWNER may not chmod
+            # the user's), then the owner; chown clears a setuid/setgid bit, so it goes back.
+            os.fchmod(new, stat.S_IMODE(spool.st_mode) & 0o777)
             if (mine.st_uid, mine.st_gid) != (spool.st_uid, spool.st_gid):
                 os.fchown(new, spool.st_uid, spool.st_gid)  # EPERM: refuse rather than steal
-            os.fchmod(new, stat.S_IMODE(spool.st_mode))
+            if stat.S_IMODE(spool.st_mode) & 0o7000:
+                os.fchmod(new, stat.S_IMODE(spool.st_mode))
             os.fsync(new)
         except BaseException:
             os.close(new)

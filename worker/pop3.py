@@ -8,8 +8,10 @@ says which state admits which verb.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from logging import ERROR
 from enum import Enum
 
+from shared.accountsource import Verdict
 from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from shared.users import Account, user_name
@@ -220,7 +222,7 @@ class Session:
             return
         user, self.user = self.user, None
         # PASS takes the rest of the line verbatim: passwords may contain spaces.
-        self._login(user, lambda: self.ctx.accounts.authenticate(user, rest))
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, rest, self.address))
 
     def pop_APOP(self, rest: bytes) -> None:
         args = self._args("APOP", rest, (2,))
@@ -307,7 +309,8 @@ class Session:
             self._sasl_failed(None)
             return
         password = credentials[1]
-        self._login(user, lambda: self.ctx.accounts.authenticate(user, password), R.SASL_FAILED)
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, password, self.address),
+                    R.SASL_FAILED)
 
     def _auth_login_user(self, response: bytes) -> None:
         if response.strip() == sasl.CANCEL:
@@ -332,12 +335,14 @@ class Session:
         if password is None:
             self._sasl_failed(user)
             return
-        self._login(user, lambda: self.ctx.accounts.authenticate(user, password), R.SASL_FAILED)
+        self._login(user, lambda: self.ctx.accounts.authenticate(user, password, self.address),
+                    R.SASL_FAILED)
 
-    def _login(self, user: str, check: Callable[[], Account | None],
+    def _login(self, user: str, check: Callable[[], Verdict],
                failure: str = R.NOT_ACCESSIBLE) -> None:
         """Wait the guard's penalty, authenticate with ``check``, then open and lock the
-        maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait."""
+        maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait, and
+        every refusal (unknown, wrong, locked, expired ...) gets the same reply."""
         admission = self.ctx.guard.admit(self.address, user)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
@@ -346,12 +351,15 @@ class Session:
         if admission.outcome is Outcome.DEFERRED:
             self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
-        account = check()
-        if account is None:
+        verdict = check()
+        if verdict.account is None:
+            # The reason is for the log only; a source that could not decide is an ERROR.
+            self.log.log(ERROR if verdict.fault else THREAD, "login of %s refused: %s", user,
+                         verdict.reason or "refused")
             self._login_failed(user, failure, admission.wait)
             return
         self.ctx.guard.succeeded(admission)
-        self._enter_transaction(user, account)
+        self._enter_transaction(user, verdict.account)
 
     def _enter_transaction(self, user: str, account: Account) -> None:
         """Open, lock and scan the account's maildrop; TRANSACTION if that works."""

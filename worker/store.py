@@ -71,8 +71,14 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
     if location.kind == "mbox":
         path = "/".join((fixed.rstrip("/"), *below))
         return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
-    owner = int(account.uid) if account.uid.isascii() and account.uid.isdigit() else None
-    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner)
+    # The account's ids: the users file's fields, NSS's for system accounts; None: the
+    # Maildir's own (worker.maildir, issue 12).
+    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing,
+                   _number(account.uid), _number(account.gid))
+
+
+def _number(field: str) -> int | None:
+    return int(field) if field.isascii() and field.isdigit() else None
 
 
 def lock_and_scan(maildrop: Maildrop, maxmsg: int) -> list[Message]:
