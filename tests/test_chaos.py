@@ -435,6 +435,9 @@ def test_chaos_keeps_every_message(start_server, tmp_path, store):
           f" wastebasket, each exactly once;"
           f" every user served again {served_after:.2f}s after the last kill")
     print(f"  refusals: {dict(ledger.refusals.most_common(6))}")
+    if store == "mbox":  # worker.mboxjournal settling what a kill in UPDATE left
+        print(f"  interrupted updates: {server.output.count('undid an interrupted update')}"
+              f" appends undone, {server.output.count('its wastebasket copies stay')} kept")
     assert ledger.kills and outcomes["committed"] >= len(USERS)  # the harness did run
 
 

@@ -126,8 +126,8 @@ class Siblings:
                                                    st.st_size + length_of(pieces))))
             write(self.journal, Journal(spool.st_dev, spool.st_ino, *prefix,
                                         tuple(append for _, _, append in targets)))
-            hook("journaled")
             try:
+                hook("journaled")
                 for fd, pieces, append in targets:
                     _append(fd, pieces, append.after, copy)
             except BaseException:
