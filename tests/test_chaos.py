@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, USERS
-from processes import stat, wait_until
+from processes import alive, stat, wait_until
 
 STORM_SECONDS = 12.0        # kills, deliveries and sessions all run this long
 CLIENTS = 4                 # client threads; three users, so some logins meet [IN-USE]
@@ -105,13 +105,16 @@ def deliver_maildir(maildir: Path, name: str, data: bytes) -> None:
 
 
 def _break_dead_lock(lock: str) -> None:
-    """A dot-lock naming a dead process on this host is stale (as liblockfile judges)."""
+    """A dot-lock naming a dead process on this host is stale (as liblockfile judges). The
+    server's locks read "PID HOST" (issue 11 item 4): the pid is the first word, as
+    liblockfile's sscanf("%d") reads it."""
     try:
         st = os.lstat(lock)
-        content = Path(lock).read_bytes().strip()
+        words = Path(lock).read_bytes().split()
     except FileNotFoundError:
         return
-    if content.isdigit() and stat(int(content)) is None:
+    pid = words[0] if words else b""
+    if pid.isdigit() and not alive(int(pid)):
         try:
             if os.lstat(lock).st_ino == st.st_ino:
                 os.unlink(lock)
