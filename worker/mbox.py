@@ -25,7 +25,8 @@ cost: an agent that fcntl-locks *before* taking the dot-lock and does not check 
 locking could append to the replaced file. Postfix, procmail, exim and dovecot-lda take the
 dot-lock first in their default mbox setups (exim also re-checks the inode), and we hold it
 from before the read to after the rename. Deleted messages are appended to the wastebasket
-first: a crash leaves a copy in both, never in neither.
+first, under a journal (worker.mboxjournal) that the next lock uses to undo the append of a
+commit killed before its rename: each message ends up in one of the two, whole, exactly once.
 
 Beside ``/var/mail/jones``: ``jones.Trash`` (``jones`` + the ``wastebasket`` setting as a
 suffix) gets deleted mail unless ``purge``; ``jones.MAIL`` gets deleted foreign messages, which
@@ -52,7 +53,8 @@ from shared.logsetup import escaped, log
 from worker import safefs
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, session_flock)
-from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
+from worker import mboxjournal
+from worker.mboxformat import Record, parse, unquote, unquote_text, visible
 
 STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
 TOUCH_SECONDS = 60          # a long rewrite keeps its dot-lock fresh, like lockfile_touch()
@@ -260,6 +262,13 @@ class Mbox:
     def new_path(self) -> str:
         return os.path.join(self.directory, f".{self.name}.iupop3.new")
 
+    @property
+    def siblings(self) -> mboxjournal.Siblings:
+        """The wastebasket and USER.MAIL, appended to under ``.USER.iupop3.journal``."""
+        return mboxjournal.Siblings(
+            self.path, os.path.join(self.directory, f".{self.name}.iupop3.journal"),
+            {"wastebasket": self.trash_path, "foreign": self.foreign_path}, self._locked)
+
     # -- session lock ------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the session lock; it dies with the process, so a killed worker frees it."""
@@ -348,6 +357,11 @@ class Mbox:
         messages: list[Message] = []
         self._records = {}
         with self._locked(self.path, write=False) as (fd, _):
+            try:
+                self.siblings.settle(fd)  # what a killed commit left, before anyone reads
+            except OSError as exc:  # the journal stays: nothing is lost, the next lock retries
+                log.warning("maildrop %s: cannot settle an interrupted update: %s",
+                            escaped(self.path), exc)
             if fd is None:
                 return messages  # no spool file: an empty maildrop, as for every MDA
             with open(fd, "rb", closefd=False) as fh:
@@ -399,7 +413,11 @@ class Mbox:
     # -- update ------------------------------------------------------------------------------
     def commit(self, deleted: list[Message]) -> int:
         """Apply the session's deletions (UPDATE state only); returns how many of them were
-        foreign and so moved to ``USER.MAIL`` instead, whatever ``purge`` says."""
+        foreign and so moved to ``USER.MAIL`` instead, whatever ``purge`` says.
+
+        Journal, appends, new spool, rename, journal removed (worker.mboxjournal): a commit
+        killed before its rename is undone at the next lock, one killed after it is kept.
+        """
         if not deleted:
             return 0
         wanted = {m.uid: m for m in deleted}
@@ -407,70 +425,56 @@ class Mbox:
             if fd is None:
                 return 0  # the spool is gone: so are the messages
             spool = os.fstat(fd)
+            siblings = self.siblings
             with open(fd, "rb", closefd=False) as fh:
-                drops = self._find_drops(fh, wanted)
+                siblings.settle(fd)  # a killed commit's appends go before ours are made
+                drops, prefix = self._find_drops(fh, wanted)
                 if not drops:
                     return 0
                 foreign = [r for r, uid in drops if r.foreign or wanted[uid].foreign]
-                if foreign:
-                    self._append(self.foreign_path, fh, foreign, spool, dot)
                 moved = {id(r) for r in foreign}
-                trash = [r for r, _ in drops if id(r) not in moved]
-                if trash and not self.purge:
-                    self._append(self.trash_path, fh, trash, spool, dot)
+                trash = [] if self.purge else [r for r, _ in drops if id(r) not in moved]
+                siblings.append({"foreign": foreign, "wastebasket": trash}, fd, spool, prefix,
+                                lambda out, start, stop: _copy_range(fh, out, start, stop,
+                                                                     dot.touch), self.hook)
                 self.hook("appended")
-                self._rewrite(fh, spool, [r for r, _ in drops], dot)
+                try:
+                    self._rewrite(fh, spool, [r for r, _ in drops], dot)
+                except BaseException:
+                    siblings.settle(fd)  # the old spool stays: so must the wastebasket
+                    raise
+                os.rename(self.new_path, self.path)  # the one atomic step: old or new, no mix
+                mboxjournal.fsync_directory(self.directory)
+                self.hook("renamed")
+                mboxjournal.remove(siblings.journal)
         if self.purge:
             self.empty_wastebasket()
         return len(foreign)
 
-    def _find_drops(self, fh: BinaryIO, wanted: dict[str, Message]) -> list[tuple[Record, str]]:
-        """The records of the deleted messages in the spool as it is now (under the lock).
+    def _find_drops(self, fh: BinaryIO, wanted: dict[str, Message]
+                    ) -> tuple[list[tuple[Record, str]], tuple[int, int]]:
+        """The records of the deleted messages in the spool as it is now (under the lock), and
+        (length, crc32) of a prefix of the spool holding them all (for the journal).
 
         If the bytes up to the last scanned message are unchanged (appends only), the scan's
         offsets hold; otherwise another program rewrote the spool and it is parsed again.
         """
         if self._prefix and _prefix_crc(fh, self._prefix[0]) == self._prefix:
             found = [(self._records[m.index], uid) for uid, m in wanted.items()]
-            return sorted(found, key=lambda pair: pair[0].start)
+            return sorted(found, key=lambda pair: pair[0].start), self._prefix
         drops = []
         for record, uid in visible(parse(fh)):
             if uid in wanted:
                 drops.append((record, uid))
                 if len(drops) == len(wanted):
                     break  # the rest is copied as it is
-        return drops
-
-    def _append(self, path: str, source: BinaryIO, records: list[Record],
-                spool: os.stat_result, outer: DotLock) -> None:
-        """Append records to a sibling mbox under its own locks; undo a partial append."""
-        with self._locked(path, write=True, owner=spool) as (fd, _):
-            assert fd is not None
-            end = os.lseek(fd, 0, os.SEEK_END)
-            last = os.pread(fd, 2, max(end - 2, 0))
-            if end == 0 or last.endswith(b"\n\n") or last == b"\n":
-                lead = b""  # empty, or already ends with the blank line a record needs
-            else:
-                lead = b"\n" if last.endswith(b"\n") else b"\n\n"
-            try:
-                _write_all(fd, lead)
-                for record in records:
-                    head = b"" if record.start != record.body else from_line()
-                    _write_all(fd, head)
-                    _copy_range(source, fd, record.start, record.end, outer.touch)
-                    if record.end > record.body:
-                        source.seek(record.end - 1)
-                        if source.read(1) != b"\n":
-                            _write_all(fd, b"\n")
-                    _write_all(fd, b"\n")
-                os.fsync(fd)
-            except BaseException:
-                os.ftruncate(fd, end)
-                raise
+        prefix = _prefix_crc(fh, max((r.end + r.tail for r, _ in drops), default=0))
+        assert prefix is not None  # those records are in the spool, which is locked
+        return drops, prefix
 
     def _rewrite(self, source: BinaryIO, spool: os.stat_result, drops: list[Record],
                  dot: DotLock) -> None:
-        """Copy all but ``drops`` to a new file and rename it over the spool."""
+        """Copy all but ``drops`` to a new file, made durable, for commit to rename in."""
         # A fresh file (O_EXCL), never one found there: a planted symlink or hard link under
         # this name would otherwise be truncated and filled with the user's mail.
         _unlink_quietly(self.new_path)
@@ -497,13 +501,6 @@ class Mbox:
             raise
         os.close(new)
         self.hook("written")
-        os.rename(self.new_path, self.path)  # the one atomic step: old spool or new, no mix
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        self.hook("renamed")
 
     def empty_wastebasket(self) -> None:
         """Truncate the wastebasket mbox (``purge``); a missing one is already empty."""
