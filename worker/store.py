@@ -68,10 +68,9 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         fixed, below = location.split_for(account.name, account.home)
     except ValueError as exc:
         raise MaildropError(str(exc)) from None
-    if location.kind == "mbox":
-        path = "/".join((fixed.rstrip("/"), *below))
-        return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
     owner = int(account.uid) if account.uid.isascii() and account.uid.isdigit() else None
+    if location.kind == "mbox":
+        return Mbox((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner)
     return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner)
 
 
