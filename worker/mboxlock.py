@@ -43,6 +43,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _temp_name() -> str:
+    """A dot-lock temp name nobody can guess in advance (pid, serial and a random part)."""
+    return f".lk{os.getpid()}.{next(_TEMP_SERIAL)}.{os.urandom(4).hex()}.{HOST}"
+
+
 class DotLock:
     """``FILE.lock`` made the liblockfile way: a uniquely named temp file holding our pid and
     host name is ``link()``ed to the lock name, then removed. The lock appears whole or not at
@@ -100,8 +105,7 @@ class DotLock:
         is passed over for the next one instead of failing the lock (review item 10)."""
         folder = os.path.dirname(self.path)
         for _ in range(TEMP_TRIES):  # ends: bounded tries
-            name = f".lk{os.getpid()}.{next(_TEMP_SERIAL)}.{os.urandom(4).hex()}.{HOST}"
-            temp = os.path.join(folder, name)
+            temp = os.path.join(folder, _temp_name())
             try:
                 return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                      | os.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
@@ -135,11 +139,13 @@ class DotLock:
         return True
 
     def _ours(self) -> bool:
-        """Whether the lock name still holds the file we linked (not one taken after ours)."""
+        """Whether the lock name still holds the file we linked (not one taken after ours,
+        nor anything put in its place: a symlink may reuse a freed inode number)."""
         try:
-            return self._inode is not None and self._lstat(self.path).st_ino == self._inode
+            st = self._lstat(self.path)
         except FileNotFoundError:
             return False
+        return stat.S_ISREG(st.st_mode) and st.st_ino == self._inode
 
     def touch(self) -> None:
         """Keep a lock held through a long copy from looking stale to others: our own lock
