@@ -10,13 +10,16 @@ tests (a dot-lock is touched only after a minute of copying). Root only: chown t
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import USERS, sample
+from test_store_safety import SiteServer, _python_for_nobody
 from worker import mboxlock
 from worker import replies as R
 from worker.mbox import Mbox
@@ -40,6 +43,60 @@ def _snapshot(path: Path) -> tuple:
     st = os.lstat(path)
     content = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
     return st.st_mode, st.st_uid, st.st_nlink, st.st_mtime_ns, content
+
+
+class Homes:
+    """A root-owned 0755 folder (outside pytest's 0700 tmp, so ``-user nobody`` can enter it)
+    with the homes of alice (uid 12345) and bob (12346); the server runs as root or, in the
+    ``user`` mode, with ``-user nobody``: then the directories are sticky and world-writable,
+    as a site running mbox with ``-user`` must make them for the locks, and bob's 0644 spool
+    is readable to the server."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.top = Path(tempfile.mkdtemp(prefix="iupop3-mbox-safety-"))
+        self.top.chmod(0o755)
+        self.server: SiteServer | None = None
+
+    def make(self, with_uids: bool = True) -> Path:
+        """The homes (and the users file, with the uids or without); returns the homes."""
+        self.root, self.homes = _homes(self.top, with_uids)
+        for home in self.homes.iterdir():
+            self.open_up(home)
+        return self.homes
+
+    def open_up(self, directory: Path) -> None:
+        if self.mode == "user":
+            directory.chmod(0o1777)
+
+    def start(self, *args: str) -> SiteServer:
+        server = SiteServer(self.root, ["-workers", "1", *args])
+        server.users_file.chmod(0o644)
+        if self.mode == "user":
+            found = _python_for_nobody()
+            if found is None:
+                pytest.skip("no Python with gevent that the user nobody can run")
+            server.python, server.pythonpath = found
+            server.args += ["-user", "nobody"]
+        self.server = server
+        return server.start()
+
+    def bob_still_has(self, count: int) -> None:
+        """Bob's own login still sees all his mail."""
+        assert self.server is not None
+        _bob_still_has(self.server, count)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+@pytest.fixture(params=["root", "user"])
+def homes(request):
+    made = Homes(request.param)
+    yield made
+    made.close()
 
 
 def _homes(tmp_path: Path, with_uids: bool = True) -> tuple[Path, Path]:
@@ -71,20 +128,19 @@ def _bob_still_has(server, count: int) -> None:
 
 
 # -- item 1: the walk to the spool ---------------------------------------------------------------
-def test_symlinked_mail_directory_never_reaches_another_users_spool(start_server, tmp_path):
+def test_symlinked_mail_directory_never_reaches_another_users_spool(homes):
     """alice's ~/mail -> ../bob/mail under -mail mbox:~/mail/inbox: her login is refused and
     bob's spool is neither served nor emptied (old code: served bob's message, and DELE + QUIT
     as root left his spool empty with an inbox.Trash beside it)."""
-    root, homes = _homes(tmp_path)
-    bob_mail = homes / "bob" / "mail"
+    bob_mail = homes.make() / "bob" / "mail"
     bob_mail.mkdir()
     os.chown(bob_mail, BOB, BOB)
+    homes.open_up(bob_mail)
     inbox = _spool(bob_mail / "inbox", 1, uid=BOB)
-    (homes / "alice" / "mail").symlink_to("../bob/mail")
-    os.chown(homes / "alice" / "mail", ALICE, ALICE, follow_symlinks=False)
+    (homes.homes / "alice" / "mail").symlink_to("../bob/mail")
+    os.chown(homes.homes / "alice" / "mail", ALICE, ALICE, follow_symlinks=False)
     before = _snapshot(inbox)
-    server = start_server("-mail", "mbox:~/mail/inbox", "-workers", "1", root=root,
-                          deliver=False)
+    server = homes.start("-mail", "mbox:~/mail/inbox")
     raw, reply = _login(server)
     if reply.startswith(b"+OK"):  # the old code: what alice could do with it
         raw.command("DELE 1")
@@ -93,27 +149,27 @@ def test_symlinked_mail_directory_never_reaches_another_users_spool(start_server
     server.wait_for(r"alice: .*mail.* symlink.*refused")
     assert _snapshot(inbox) == before
     assert sorted(os.listdir(bob_mail)) == ["inbox"]
-    _bob_still_has(server, 1)
+    homes.bob_still_has(1)
 
 
 @pytest.mark.parametrize("with_uids", [True, False], ids=["uid-in-users-file", "no-uid"])
-def test_hard_link_to_another_users_spool_is_not_served(start_server, tmp_path, with_uids):
+def test_hard_link_to_another_users_spool_is_not_served(homes, with_uids):
     """alice's ~/mbox as a hard link to bob's spool (-mail mbox:~/mbox): refused at login, with
     or without a uid in the users file (old code: read path checked neither owner nor links,
     so RETR served bob's mail)."""
-    root, homes = _homes(tmp_path, with_uids)
-    spool = _spool(homes / "bob" / "mbox", 1, 2, uid=BOB)
-    os.link(spool, homes / "alice" / "mbox")  # root may (fs.protected_hardlinks aside)
+    homes.make(with_uids)
+    spool = _spool(homes.homes / "bob" / "mbox", 1, 2, uid=BOB)
+    os.link(spool, homes.homes / "alice" / "mbox")  # root may (fs.protected_hardlinks aside)
     before = _snapshot(spool)
-    server = start_server("-mail", "mbox:~/mbox", "-workers", "1", root=root, deliver=False)
+    server = homes.start("-mail", "mbox:~/mbox")
     raw, reply = _login(server)
     if reply.startswith(b"+OK"):
         raw.command("RETR 1")
     assert reply == R.MAILDROP_UNAVAILABLE.encode()
     server.wait_for(r"alice: .*(links|owned by uid 12346).*refused")
     assert _snapshot(spool) == before
-    (homes / "alice" / "mbox").unlink()  # while linked, bob's own login is refused too
-    _bob_still_has(server, 2)
+    (homes.homes / "alice" / "mbox").unlink()  # while linked, bob's own login is refused too
+    homes.bob_still_has(2)
 
 
 def test_spool_of_another_owner_is_refused_for_reading(tmp_path):

@@ -10,9 +10,10 @@ with the process); it needs only the directory write access dot-locking needs an
 spool is locked only while it is read or rewritten, as delivery agents lock it: ``USER.lock``
 linked from a temp file holding our pid and host name, as liblockfile makes it (stale when
 untouched for five minutes, or at once when it names this host and a dead pid), then fcntl
-(lockf) on the spool. Both are
-tried without blocking and retried with backoff until ``lock_wait``, then TimeoutError (an
-OSError: the Session answers [SYS/TEMP]). The scan keeps each message's offsets and CRC, so mail
+(lockf) on the spool (both in worker.mboxlock). Both are tried without blocking and retried
+with backoff until ``lock_wait``, then TimeoutError (an OSError: the Session answers
+[SYS/TEMP]). The spool's directory is walked once per session (worker.safefs, as for a
+Maildir) and every name above is resolved relative to its descriptor, never by path. The scan keeps each message's offsets and CRC, so mail
 delivered during a session is never shown in it; RETR re-locks, copies the bytes, checks the
 CRC and, if another program rewrote the spool meanwhile, finds the message again by UIDL.
 
