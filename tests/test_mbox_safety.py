@@ -172,6 +172,25 @@ def test_hard_link_to_another_users_spool_is_not_served(homes, with_uids):
     homes.bob_still_has(2)
 
 
+def test_own_spool_in_the_home_is_served_and_committed_as_root():
+    """The walk refuses only what it must: alice's own ~/mbox (uid in the users file) is
+    served, and DELE + QUIT rewrites it and fills ~/mbox.Trash, both still hers."""
+    homes = Homes("root")
+    try:
+        spool = _spool(homes.make() / "alice" / "mbox", 1, 2, uid=ALICE)
+        server = homes.start("-mail", "mbox:~/mbox")
+        raw, reply = _login(server)
+        assert reply == R.LOGIN_OK.encode()
+        assert raw.command("DELE 1").startswith(b"+OK")
+        assert raw.command("QUIT").startswith(b"+OK")
+        trash = spool.with_name("mbox.Trash")
+        assert b"message 2" in spool.read_bytes() and b"message 1" not in spool.read_bytes()
+        assert b"message 1" in trash.read_bytes()
+        assert {os.stat(spool).st_uid, os.stat(trash).st_uid} == {ALICE}
+    finally:
+        homes.close()
+
+
 def test_spool_of_another_owner_is_refused_for_reading(tmp_path):
     """A spool whose owner is not the account's uid is not read, even with one link."""
     _spool(tmp_path / "alice", 1, uid=BOB)
