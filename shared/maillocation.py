@@ -17,6 +17,7 @@ USER = "%u"
 # shared/, because the settings default needs the first; worker.store exports both.
 WASTEBASKET = ".Trash"  # VMS MAIL's WASTEBASKET, IUPOP3's place for deleted mail
 FOREIGN_FOLDER = ".MAIL"  # IUPOP3 1.8 moved MAIL/FOREIGN messages to the MAIL folder
+MAILDIR_SUBS = ("cur", "new", "tmp")  # a Maildir's own directories: no folder may take them
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,11 @@ def normalized(spec: str) -> str:
 
 
 def folder_name(name: str) -> str:
-    """The validator of ``-wastebasket``: one folder name, never a path."""
+    """The validator of ``-wastebasket``: one folder name, never a path, and never one of a
+    Maildir's own ``cur``/``new``/``tmp`` (the folder would be made inside the inbox's)."""
     if not name.strip(".") or "/" in name or "\0" in name:
         raise ValueError(f"must be one folder name such as {WASTEBASKET}, not {name!r}")
+    if name in MAILDIR_SUBS:
+        raise ValueError(f"may not be a Maildir's own {name!r} (use a folder such as "
+                         f"{WASTEBASKET})")
     return name

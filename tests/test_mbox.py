@@ -28,7 +28,7 @@ from shared.users import parse_users
 from worker import replies as R
 from worker.context import build_context
 from worker.store import MaildropBusy, MaildropError
-from worker import mbox as mbox_mod, mboxformat
+from worker import mbox as mbox_mod, mboxformat, mboxlock
 from worker.mbox import Mbox
 from worker.mboxformat import format_record, parse, quote, unquote
 from worker.pop3 import Session
@@ -602,7 +602,7 @@ def test_server_serves_an_mbox_spool_end_to_end(start_server, tmp_path):
 # -- a writer killed with its dot-lock (issue 11 item 4) ---------------------------------------
 KILLED_WRITER = """
 import os, signal, sys
-from worker.mbox import DotLock
+from worker.mboxlock import DotLock
 if sys.argv[2] == "before-write":  # where an O_EXCL lock exists but holds nothing yet
     os.write = lambda fd, data: os.kill(os.getpid(), signal.SIGKILL)
 DotLock(sys.argv[1]).acquire(float("inf"))
@@ -626,7 +626,7 @@ def test_lock_of_a_killed_writer_does_not_stall_the_maildrop(start_server, tmp_p
     assert child.returncode == -signal.SIGKILL
     if lock.exists():
         words = lock.read_text().split()
-        assert len(words) == 2 and words[1] == mbox_mod.HOST, words
+        assert len(words) == 2 and words[1] == mboxlock.HOST, words
         print(f"\nlock left by the killed writer ({moment}): {lock.read_text()!r}")
     else:
         print(f"\nno lock left by the writer killed {moment}")
@@ -648,10 +648,10 @@ def test_dot_lock_judged_by_host_pid_and_age(tmp_path):
         lock.write_text(content)
         with pytest.raises(TimeoutError):
             box.scan()
-        old = time.time() - mbox_mod.STALE_SECONDS - 1
+        old = time.time() - mboxlock.STALE_SECONDS - 1
         os.utime(lock, (old, old))
         assert len(box.scan()) == 1 and not lock.exists()
-    lock.write_text(f"{dead_pid()} {mbox_mod.HOST}\n")
+    lock.write_text(f"{dead_pid()} {mboxlock.HOST}\n")
     assert len(box.scan()) == 1 and not lock.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lk")]  # temps removed
 

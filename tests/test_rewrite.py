@@ -323,8 +323,25 @@ def test_second_scan_reads_no_file_and_a_changed_file_is_read_again(tmp_path):
     # A Maildir file never changes in place, so the worker's scan cache (by folder listing)
     # trusts names; the size cache below it still notices a file rewritten in place.
     paths[0].write_bytes(b"Subject: 0\n\nlonger body\n")
-    size, _ = rewriter.measure(first[0].path, first[0].base)
+    st = os.stat(paths[0])
+    key = ("maildir", first[0].base, st.st_ino, st.st_size, st.st_mtime_ns)
+    size, _ = rewriter.size_of(key, lambda: open(paths[0], "rb"))
     assert rewriter.files_read == 6 and size == first[0].size + 7
+
+
+def test_rewriter_opens_no_file_by_path():
+    """worker/rewrite.py never opens or stats a path: the stores open messages relative to
+    their directory descriptors and hand it an opener (review item 11: ``measure`` opened by
+    path, following symlinks)."""
+    import ast
+
+    tree = ast.parse(Path(rewrite.__file__).read_text())
+    by_path = {"open", "stat", "lstat", "fdopen"}
+    calls = [node.func for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    names = {f.id if isinstance(f, ast.Name) else f.attr for f in calls
+             if isinstance(f, (ast.Name, ast.Attribute))}
+    assert not names & by_path, names & by_path
+    assert not hasattr(Rewriter, "measure")
 
 
 def test_cache_is_bounded():

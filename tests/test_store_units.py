@@ -56,6 +56,9 @@ def test_home_template_needs_a_home():
     (["-mail", "maildir"], "-mail must be maildir:PATH"),
     (["-mail", "mbox:/var/mail/"], "names a spool file"),
     (["-wastebasket", "../x"], "-wastebasket must be one folder name"),
+    (["-wastebasket", "new"], "-wastebasket may not be a Maildir's own 'new'"),
+    (["-wastebasket", "cur"], "-wastebasket may not be a Maildir's own 'cur'"),
+    (["-wastebasket", "tmp"], "-wastebasket may not be a Maildir's own 'tmp'"),
 ])
 def test_bad_store_settings_stop_the_start_with_one_line(tmp_path, args, words):
     """A bad -mail or -wastebasket: one line on stderr and exit 2, before any worker starts."""
@@ -139,17 +142,17 @@ def test_mbox_never_appends_to_a_planted_wastebasket(tmp_path, kind):
 def test_mbox_dot_lock_as_a_fifo_or_huge_file_is_judged_by_age(tmp_path):
     """A FIFO or a huge digit run as alice.lock: no blocked read, no int() of megabytes; it is
     not a live pid, so it waits for the staleness time like an empty lock."""
-    from worker import mbox as mbox_mod
+    from worker import mboxlock
 
     lock = tmp_path / "alice.lock"
     os.mkfifo(lock)
-    assert mbox_mod._read_lock(str(lock))[1] == b""
+    assert mboxlock.read_lock(str(lock))[1] == b""
     lock.unlink()
     lock.write_bytes(b"9" * 5_000_000)
-    st, content = mbox_mod._read_lock(str(lock))
-    assert len(content) == mbox_mod.LOCK_READ_MAX and mbox_mod._lock_owner(content) == (0, "")
-    assert mbox_mod._lock_owner(b"1234 host\n") == (1234, "host")
-    assert mbox_mod._lock_owner(b"12\n") == (12, "")
+    st, content = mboxlock.read_lock(str(lock))
+    assert len(content) == mboxlock.LOCK_READ_MAX and mboxlock.lock_owner(content) == (0, "")
+    assert mboxlock.lock_owner(b"1234 host\n") == (1234, "host")
+    assert mboxlock.lock_owner(b"12\n") == (12, "")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")

@@ -10,9 +10,10 @@ with the process); it needs only the directory write access dot-locking needs an
 spool is locked only while it is read or rewritten, as delivery agents lock it: ``USER.lock``
 linked from a temp file holding our pid and host name, as liblockfile makes it (stale when
 untouched for five minutes, or at once when it names this host and a dead pid), then fcntl
-(lockf) on the spool. Both are
-tried without blocking and retried with backoff until ``lock_wait``, then TimeoutError (an
-OSError: the Session answers [SYS/TEMP]). The scan keeps each message's offsets and CRC, so mail
+(lockf) on the spool (both in worker.mboxlock). Both are tried without blocking and retried
+with backoff until ``lock_wait``, then TimeoutError (an OSError: the Session answers
+[SYS/TEMP]). The spool's directory is walked once per session (worker.safefs, as for a
+Maildir) and every name above is resolved relative to its descriptor, never by path. The scan keeps each message's offsets and CRC, so mail
 delivered during a session is never shown in it; RETR re-locks, copies the bytes, checks the
 CRC and, if another program rewrote the spool meanwhile, finds the message again by UIDL.
 
@@ -36,11 +37,9 @@ are never dropped (IUPOP3 moved them to the VMS MAIL folder); ``jones.lock`` is 
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import itertools
 import os
-import socket
 import stat
 import tempfile
 import time
@@ -51,187 +50,42 @@ from typing import BinaryIO
 
 from shared.logsetup import escaped, log
 from worker import safefs
+from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, session_flock)
 from worker import mboxjournal
 from worker.mboxformat import Record, parse, unquote, unquote_text, visible
+from worker.mboxlock import DotLock, fcntl_lock
+from worker.mboxlock import unlink_quietly as _unlink_quietly, write_all as _write_all
 
-STALE_SECONDS = 300         # liblockfile and Debian policy: an untouched dot-lock this old is dead
-TOUCH_SECONDS = 60          # a long rewrite keeps its dot-lock fresh, like lockfile_touch()
 LOCK_WAIT_SECONDS = 20.0
-# This host in dot-locks: a lock naming it and a dead pid is taken over at once. Only the
-# characters a file name and a one-word lock line can hold.
-HOST = "".join(c for c in socket.gethostname() if c.isascii() and (c.isalnum() or c in ".-_"))[
-    :64] or "localhost"
-_TEMP_SERIAL = itertools.count()  # unique temp names among the threads of one process
 FOREIGN_SUFFIX = FOREIGN_FOLDER
 _CHUNK = SPOOL_CHUNK       # copy and RETR read size
 
 
-# -- locks -----------------------------------------------------------------------------------
-def _sleep(seconds: float) -> None:
-    # Mbox work runs in the worker's thread pool (worker.store): a real sleep stalls no session.
-    time.sleep(seconds)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class DotLock:
-    """``FILE.lock`` made the liblockfile way: a uniquely named temp file holding our pid and
-    host name is ``link()``ed to the lock name, then removed. The lock appears whole or not at
-    all (a writer killed at any moment never leaves an empty one), and link() is atomic on NFS
-    too, where O_EXCL was not always."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._inode: int | None = None
-        self._touched = 0.0
-
-    def acquire(self, deadline: float) -> None:
-        delay = 0.01
-        while True:  # ends: every turn without the lock checks the deadline
-            if self._link():
-                self._touched = time.monotonic()
-                return
-            if self._break_if_stale() and time.monotonic() < deadline:
-                continue
-            if time.monotonic() >= deadline:
-                raise TimeoutError(errno.ETIMEDOUT, "mail spool is locked", self.path)
-            _sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    def _link(self) -> bool:
-        """One attempt: True if the lock is ours now, False if someone else holds it."""
-        temp = os.path.join(os.path.dirname(self.path),
-                            f".lk{os.getpid()}.{next(_TEMP_SERIAL)}.{HOST}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
-        try:
-            try:
-                _write_all(fd, f"{os.getpid()} {HOST}\n".encode())  # ENOSPC: no lock at all
-            finally:
-                os.close(fd)
-            try:
-                os.link(temp, self.path)
-            except FileExistsError:
-                return False
-            except OSError:
-                # liblockfile: over NFS link() may report an error for a link it made.
-                if os.lstat(temp).st_nlink != 2:
-                    raise
-            self._inode = os.lstat(temp).st_ino
-            return True
-        finally:
-            _unlink_quietly(temp)
-
-    def _break_if_stale(self) -> bool:
-        """Remove the lock if its holder is gone; True if the caller should retry at once."""
-        try:
-            st, content = _read_lock(self.path)
-        except FileNotFoundError:
-            return True
-        pid, host = _lock_owner(content)
-        # Only a pid of this host can be checked; another host's lock, or an empty one (other
-        # delivery agents create, then write), waits for its age like liblockfile's.
-        dead = pid > 0 and host in ("", HOST) and not _alive(pid)
-        if not dead and time.time() - st.st_mtime < STALE_SECONDS:
-            return False
-        # Remove only the lock we judged. Between this lstat and unlink another breaker could
-        # still slip in a fresh lock: liblockfile and procmail share that window.
-        try:
-            if os.lstat(self.path).st_ino == st.st_ino:
-                os.unlink(self.path)
-                log.info("removed stale lock %s (pid %s)", escaped(self.path), pid or "unknown")
-        except FileNotFoundError:
-            pass
-        return True
-
-    def touch(self) -> None:
-        """Keep a lock held through a long copy from looking stale to others."""
-        now = time.monotonic()
-        if self._inode is not None and now - self._touched >= TOUCH_SECONDS:
-            os.utime(self.path)
-            self._touched = now
-
-    def release(self) -> None:
-        if self._inode is None:
-            return
-        try:
-            if os.lstat(self.path).st_ino == self._inode:  # not a lock someone took after ours
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self._inode = None
-
-
-LOCK_READ_MAX = 128  # a dot-lock holds a pid (and a host name): more is not a lock of ours
-
-
-def _read_lock(path: str) -> tuple[os.stat_result, bytes]:
-    """(lstat, first bytes) of a dot-lock, never through a symlink nor blocking on a FIFO;
-    anything but a regular file reads as empty (so it is judged by its age)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        return os.lstat(path), b""
-    try:
-        st = os.fstat(fd)
-        return st, os.read(fd, LOCK_READ_MAX) if stat.S_ISREG(st.st_mode) else b""
-    finally:
-        os.close(fd)
-
-
-def _lock_owner(content: bytes) -> tuple[int, str]:
-    """(pid, host) from a lock's first line: ours write "PID HOST", liblockfile "PID"; pid 0
-    when there is none. At most 10 ASCII digits: a planted lock cannot make int() work on
-    megabytes."""
-    words = content.split(b"\n", 1)[0].split()
-    word = words[0] if words else b""
-    if not word or len(word) > 10 or not (word.isascii() and word.isdigit()):
-        return 0, ""
-    host = words[1].decode("ascii", "replace") if len(words) > 1 else ""
-    return int(word), host
-
-
-def _fcntl_lock(fd: int, exclusive: bool, deadline: float, path: str) -> None:
-    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-    delay = 0.01
-    while True:  # ends: every failed turn checks the deadline
-        try:
-            fcntl.lockf(fd, mode)  # F_SETLK: the lock delivery agents take
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-        if time.monotonic() >= deadline:
-            raise TimeoutError(errno.ETIMEDOUT, "mail spool is locked (fcntl)", path)
-        _sleep(delay)
-        delay = min(delay * 2, 0.5)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 # -- the maildrop ----------------------------------------------------------------------------
 class Mbox:
-    """One user's mbox spool, locked against other POP3 sessions for a session's lifetime."""
+    """One user's mbox spool, locked against other POP3 sessions for a session's lifetime.
 
-    def __init__(self, path: str, wastebasket: str = WASTEBASKET, purge: bool = False,
-                 sizing: Sizing = PLAIN):
-        self.path = os.path.abspath(path)
+    Opened from ``where`` = (trusted directory, components below it) the way worker.maildir
+    is: the spool's directory is walked by worker.safefs (no symlink below the trusted part
+    unless link and target are the account's), and the spool, its siblings and every lock are
+    then named relative to that directory's descriptor. The spool and its siblings must be
+    regular files of one link owned by ``owner`` (the users file's uid, else the spool's own).
+    A plain path (tools, tests) is all trusted but its last component.
+    """
+
+    def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
+                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None):
+        trusted, below = (where, ()) if isinstance(where, str) else where
+        if below:
+            self.trusted, self.below = trusted, below[:-1]
+            self.path = os.path.join(trusted, *below)
+        else:  # the administrator named the spool itself
+            self.path = os.path.abspath(trusted)
+            self.trusted, self.below = os.path.dirname(self.path), ()
+        self.owner = owner
+        self._dir_fd: int | None = None  # the spool's directory, while the session lock is held
         self.sizing = sizing
         self.directory, self.name = os.path.split(self.path)
         self.wastebasket = wastebasket
@@ -262,36 +116,80 @@ class Mbox:
     def new_path(self) -> str:
         return os.path.join(self.directory, f".{self.name}.iupop3.new")
 
-    @property
-    def siblings(self) -> mboxjournal.Siblings:
-        """The wastebasket and USER.MAIL, appended to under ``.USER.iupop3.journal``."""
+    def siblings(self, directory: int) -> mboxjournal.Siblings:
+        """The wastebasket and USER.MAIL, appended to under ``.USER.iupop3.journal``, all
+        named relative to the spool directory's descriptor."""
         return mboxjournal.Siblings(
             self.path, os.path.join(self.directory, f".{self.name}.iupop3.journal"),
-            {"wastebasket": self.trash_path, "foreign": self.foreign_path}, self._locked)
+            {"wastebasket": self.trash_path, "foreign": self.foreign_path}, self._locked,
+            directory)
 
     # -- session lock ------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the session lock; it dies with the process, so a killed worker frees it."""
+        """Open the spool's directory and take the session lock; it dies with the process, so
+        a killed worker frees it."""
         if "/" in self.wastebasket or not self.wastebasket.strip("."):
             raise MaildropError(f"wastebasket {self.wastebasket!r} is not a file name suffix")
+        directory = self._walk()
         try:
-            fd = os.open(self.session_lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            fd = self._session_lock_fd(directory)
+            st = os.fstat(fd)
+            self._session_fd = session_flock(fd, self.path, self.stamp)
+        except BaseException:
+            os.close(directory)
+            raise
+        self._dir_fd = directory
+        self.lock_key = (st.st_dev, st.st_ino)
+        # left by a commit that crashed: the spool is whole
+        _unlink_quietly(_name(self.new_path), self._dir_fd)
+
+    def _walk(self) -> int:
+        """The spool directory's descriptor (worker.safefs.walk); MaildropError if refused."""
+        try:
+            return safefs.walk(self.trusted, self.below, self.owner, create=False)
+        except UnsafeEntry as exc:
+            raise MaildropError(f"maildrop {escaped(self.path)}: {escaped(str(exc.filename))}"
+                                f" {exc.strerror}; refused") from None
+        except OSError as exc:
+            raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+
+    def _session_lock_fd(self, directory: int) -> int:
+        """``.USER.iupop3.lock`` opened for the stamp: a regular file of one link (a hard link
+        to another file would have it truncated), the account's or the server's own."""
+        try:
+            fd = os.open(_name(self.session_lock_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=directory)
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1
+                or st.st_uid not in (self.owner, os.geteuid()) and self.owner is not None):
             os.close(fd)
-            raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
-        self._session_fd = session_flock(fd, self.path, self.stamp)
-        self.lock_key = (st.st_dev, st.st_ino)
-        _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
+            raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file"
+                                " of one link of the account's; refused")
+        return fd
 
     def unlock(self) -> None:
         if self._session_fd is not None:
             os.close(self._session_fd)
             self._session_fd = None
             self.lock_key = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    @contextmanager
+    def _directory(self) -> Iterator[int]:
+        """The spool directory's descriptor: the session's, or (a scan without the session
+        lock, in tests and tools) one walked for this call."""
+        if self._dir_fd is not None:
+            yield self._dir_fd
+            return
+        fd = self._walk()
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     # -- spool locks -------------------------------------------------------------------------
     @contextmanager
@@ -302,49 +200,53 @@ class Mbox:
         With ``owner`` a missing file is created with that file's owner, group and mode.
         """
         deadline = time.monotonic() + self.lock_wait
-        dot = DotLock(path + ".lock")
-        dot.acquire(deadline)
-        try:
-            fd = self._open(path, write, owner)
-            if fd is None:
-                yield None, dot
-                return
+        with self._directory() as directory:
+            dot = DotLock(_name(path) + ".lock", directory, label=path + ".lock")
+            dot.acquire(deadline)
             try:
-                _fcntl_lock(fd, write, deadline, path)
-                yield fd, dot
+                fd = self._open(directory, path, write, owner)
+                if fd is None:
+                    yield None, dot
+                    return
+                try:
+                    fcntl_lock(fd, write, deadline, path)
+                    yield fd, dot
+                finally:
+                    # Closing drops the fcntl lock. Never close another fd of this file while
+                    # holding it: POSIX drops a process's fcntl locks on any close of the file.
+                    os.close(fd)
             finally:
-                # Closing drops the fcntl lock. Never close another fd of this file while
-                # holding it: POSIX drops a process's fcntl locks on any close of the file.
-                os.close(fd)
-        finally:
-            dot.release()
+                dot.release()
 
-    def _open(self, path: str, write: bool, owner: os.stat_result | None) -> int | None:
-        """The spool or a sibling, never through a symlink nor blocking on a FIFO; a sibling
-        (``owner`` given) must be the spool owner's, with one link, like the spool written."""
+    def _open(self, directory: int, path: str, write: bool,
+              owner: os.stat_result | None) -> int | None:
+        """The spool or a sibling in ``directory``, never through a symlink nor blocking on a
+        FIFO; for reads as for writes a regular file of one link, owned by the account (the
+        spool) or by the spool's owner (a sibling, ``owner`` given; made if missing)."""
         flags = ((os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
                  | os.O_CLOEXEC)
         try:
-            fd = os.open(path, flags)
-            st = os.fstat(fd)
-            if write and (st.st_nlink != 1 or owner is not None and st.st_uid != owner.st_uid):
-                os.close(fd)
-                raise OSError(errno.EPERM, "a hard link or another owner's file", path)
+            fd = os.open(_name(path), flags, dir_fd=directory)
         except FileNotFoundError:
             if owner is None:
                 return None
             # A sibling (USER.Trash, USER.MAIL) gets the spool's owner, group and mode, made
             # by descriptor (worker.safefs); a FileExistsError race is the caller's OSError.
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fd = safefs.create_file(directory, os.path.basename(path),
-                                        safefs.Owner.of(owner, mode=stat.S_IMODE(owner.st_mode)
-                                                        & 0o666), flags)
-            finally:
-                os.close(directory)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = safefs.create_file(directory, _name(path),
+                                    safefs.Owner.of(owner, mode=stat.S_IMODE(owner.st_mode)
+                                                    & 0o666), flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeEntry(exc.errno, "is a symlink; refused", path) from None
+            raise
+        st = os.fstat(fd)
+        uid = owner.st_uid if owner is not None else self.owner
+        problem = safefs.refusal(st, uid)
+        if problem is None and st.st_nlink != 1:
+            problem = f"has {st.st_nlink} links (a hard link)"
+        if problem is not None:
             os.close(fd)
-            raise OSError(errno.EINVAL, "not a regular file", path)
+            raise UnsafeEntry(errno.EPERM, f"{problem}; refused", path)
         return fd
 
     # -- reading ---------------------------------------------------------------------------
@@ -356,9 +258,9 @@ class Mbox:
         """
         messages: list[Message] = []
         self._records = {}
-        with self._locked(self.path, write=False) as (fd, _):
+        with self._locked(self.path, write=False) as (fd, dot):
             try:
-                self.siblings.settle(fd)  # what a killed commit left, before anyone reads
+                self.siblings(dot.dir_fd).settle(fd)  # what a killed commit left, before anyone reads
             except OSError as exc:  # the journal stays: nothing is lost, the next lock retries
                 log.warning("maildrop %s: cannot settle an interrupted update: %s",
                             escaped(self.path), exc)
@@ -425,7 +327,7 @@ class Mbox:
             if fd is None:
                 return 0  # the spool is gone: so are the messages
             spool = os.fstat(fd)
-            siblings = self.siblings
+            siblings = self.siblings(dot.dir_fd)
             with open(fd, "rb", closefd=False) as fh:
                 siblings.settle(fd)  # a killed commit's appends go before ours are made
                 drops, prefix = self._find_drops(fh, wanted)
@@ -443,10 +345,13 @@ class Mbox:
                 except BaseException:
                     siblings.settle(fd)  # the old spool stays: so must the wastebasket
                     raise
-                os.rename(self.new_path, self.path)  # the one atomic step: old or new, no mix
-                mboxjournal.fsync_directory(self.directory)
+                # the one atomic step: old spool or new, no mix
+                directory = siblings.directory
+                os.rename(_name(self.new_path), self.name, src_dir_fd=directory,
+                          dst_dir_fd=directory)
+                os.fsync(directory)
                 self.hook("renamed")
-                mboxjournal.remove(siblings.journal)
+                mboxjournal.remove(directory, siblings.journal_name)
         if self.purge:
             self.empty_wastebasket()
         return len(foreign)
@@ -477,9 +382,10 @@ class Mbox:
         """Copy all but ``drops`` to a new file, made durable, for commit to rename in."""
         # A fresh file (O_EXCL), never one found there: a planted symlink or hard link under
         # this name would otherwise be truncated and filled with the user's mail.
-        _unlink_quietly(self.new_path)
-        new = os.open(self.new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, 0o600)
+        directory = dot.dir_fd  # the spool's directory, held by the caller's _locked
+        _unlink_quietly(_name(self.new_path), directory)
+        new = os.open(_name(self.new_path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600, dir_fd=directory)
         try:
             pos = 0
             for record in sorted(drops, key=lambda r: r.start):
@@ -497,15 +403,20 @@ class Mbox:
             os.fsync(new)
         except BaseException:
             os.close(new)
-            _unlink_quietly(self.new_path)
+            _unlink_quietly(_name(self.new_path), directory)
             raise
         os.close(new)
         self.hook("written")
 
     def empty_wastebasket(self) -> None:
         """Truncate the wastebasket mbox (``purge``); a missing one is already empty."""
-        if self.trash_path == self.foreign_path or not os.path.exists(self.trash_path):
+        if self.trash_path == self.foreign_path:
             return  # foreign messages are never removed
+        with self._directory() as directory:
+            try:
+                os.stat(_name(self.trash_path), dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                return  # a missing one is already empty
         with self._locked(self.trash_path, write=True) as (fd, _):
             if fd is not None:
                 os.ftruncate(fd, 0)
@@ -582,8 +493,6 @@ def _copy_range(source: BinaryIO, fd: int, start: int, stop: int | None,
         touch()
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _name(path: str) -> str:
+    """A sibling's name in the spool's directory (every sibling path is built beside it)."""
+    return os.path.basename(path)

@@ -100,9 +100,14 @@ class Siblings:
     """The spool's sibling mboxes by kind (a key of KINDS), appended to under a journal."""
 
     maildrop: str           # the spool's path, for the log
-    journal: str            # the journal's path
+    journal: str            # the journal's path, for the log; opened by name in ``directory``
     paths: dict[str, str]   # kind -> the sibling's path
     locked: Locker
+    directory: int          # the spool directory's descriptor (held by the session's lock)
+
+    @property
+    def journal_name(self) -> str:
+        return os.path.basename(self.journal)
 
     def append(self, moves: dict[str, list[Record]], source: int, spool: os.stat_result,
                prefix: tuple[int, int], copy: Copier, hook: Callable[[str], None]) -> bool:
@@ -124,7 +129,7 @@ class Siblings:
                 st = os.fstat(fd)
                 targets.append((fd, pieces, Append(kind, st.st_dev, st.st_ino, st.st_size,
                                                    st.st_size + length_of(pieces))))
-            write(self.journal, Journal(spool.st_dev, spool.st_ino, *prefix,
+            write(self.directory, self.journal_name, Journal(spool.st_dev, spool.st_ino, *prefix,
                                         tuple(append for _, _, append in targets)))
             try:
                 hook("journaled")
@@ -134,7 +139,7 @@ class Siblings:
                 for fd, _, append in targets:
                     os.ftruncate(fd, append.before)
                     os.fsync(fd)
-                remove(self.journal)
+                remove(self.directory, self.journal_name)
                 raise
         return True
 
@@ -143,23 +148,23 @@ class Siblings:
         spool's descriptor, None if it is missing): undo its appends unless its rename
         happened, then remove it."""
         try:
-            journal = read(self.journal)
+            journal = read(self.directory, self.journal_name)
         except Refused as exc:
             log.warning("maildrop %s: removed %s: %s", escaped(self.maildrop),
                         escaped(self.journal), exc)
-            remove(self.journal)
+            remove(self.directory, self.journal_name)
             return
         if journal is None:
             return
         if journal.spool_kept(spool) or any(
                 append.cut(st) for append in journal.appends
-                if (st := _lstat(self.paths[append.kind])) is not None):
+                if (st := _lstat(self.directory, self.paths[append.kind])) is not None):
             for append in journal.appends:
                 self._undo(self.paths[append.kind], append)
         else:
             log.info("maildrop %s: an interrupted update had replaced the spool: its"
                      " wastebasket copies stay", escaped(self.maildrop))
-        remove(self.journal)
+        remove(self.directory, self.journal_name)
 
     def _undo(self, path: str, append: Append) -> None:
         """Cut a sibling back to its length before an append that was not committed."""
@@ -260,33 +265,35 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def _lstat(directory: int, path: str) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return os.lstat(os.path.basename(path), dir_fd=directory)
     except FileNotFoundError:
         return None
 
 
-def write(path: str, journal: Journal) -> None:
-    """Create the journal (never over an existing name nor through a symlink), then make it
-    and its name durable: an append must never be on disk without the journal that undoes it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+def write(directory: int, name: str, journal: Journal) -> None:
+    """Create the journal in ``directory`` (never over an existing name nor through a
+    symlink), then make it and its name durable: an append must never be on disk without the
+    journal that undoes it."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=directory)
     try:
         _write_all(fd, journal.encode())
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        remove(path)
+        remove(directory, name)
         raise
     os.close(fd)
-    fsync_directory(os.path.dirname(path))
+    os.fsync(directory)
 
 
-def read(path: str) -> Journal | None:
-    """The journal at ``path``; None if there is none; Refused if it is not one we wrote."""
+def read(directory: int, name: str) -> Journal | None:
+    """The journal ``name`` in ``directory``; None if there is none; Refused if it is not one
+    we wrote."""
     try:
-        fd = os.open(path, FILE_FLAGS)
+        fd = os.open(name, FILE_FLAGS, dir_fd=directory)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -308,17 +315,9 @@ def read(path: str) -> Journal | None:
     return decode(data)
 
 
-def remove(path: str) -> None:
+def remove(directory: int, name: str) -> None:
     """Remove the journal's name (a planted symlink goes, its target stays)."""
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=directory)
     except FileNotFoundError:
         pass
-
-
-def fsync_directory(path: str) -> None:
-    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -1,9 +1,10 @@
 """What a client downloads: IUPOP3 1.8's From: patching, X-POP3 lines and foreign messages.
 
-At login the session asks ``Rewriter.measure`` for each message's size (cached per worker, so
-LIST and STAT stay exact without re-reading); RETR and TOP take their bytes from ``render``.
-Only the header block is parsed; the body passes through in ``READ_CHUNK`` pieces for the
-DotStuffer. The stores size messages through ``Rewriter.size_of`` (the worker.store ``Sizing``).
+At login the stores ask ``Rewriter.size_of`` (the worker.store ``Sizing``) for each message's
+size, cached per worker, so LIST and STAT stay exact without re-reading; the store opens the
+file (never this module: it has no path it could follow). RETR and TOP take their bytes from
+``render``. Only the header block is parsed; the body passes through in ``READ_CHUNK`` pieces
+for the DotStuffer.
 """
 
 from __future__ import annotations
@@ -274,17 +275,6 @@ class Rewriter:
         return self.served_header(b"" if b"\0" in header else header)
 
     # -- sizes ----------------------------------------------------------------------------
-    def measure(self, path: str, base: str) -> tuple[int, bool]:
-        """(octets RETR sends before stuffing, foreign?) of a stored message; raises OSError.
-
-        A cache hit costs one stat. A miss reads the file once: the header block for the
-        From: rules, every octet for NUL (which makes it foreign) and the CRLF size. ``,W=``
-        in the name is not trusted instead: it knows neither NUL nor the final CRLF.
-        """
-        st = os.stat(path, follow_symlinks=False)
-        key = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
-        return self.size_of(key, lambda: open(path, "rb"))
-
     def size_of(self, key: CacheKey, open_stored: Opener) -> tuple[int, bool]:
         """The worker.store ``Sizing`` the stores call: from the cache, else read once."""
         cached = self.cache.get(key)

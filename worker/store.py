@@ -68,13 +68,12 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         fixed, below = location.split_for(account.name, account.home)
     except ValueError as exc:
         raise MaildropError(str(exc)) from None
-    if location.kind == "mbox":
-        path = "/".join((fixed.rstrip("/"), *below))
-        return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
     # The account's ids: the users file's fields, NSS's for system accounts; None: the
     # Maildir's own (worker.maildir, issue 12).
-    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing,
-                   _number(account.uid), _number(account.gid))
+    uid, gid = _number(account.uid), _number(account.gid)
+    if location.kind == "mbox":
+        return Mbox((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, uid)
+    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, uid, gid)
 
 
 def _number(field: str) -> int | None:
