@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import accountspec, maillocation, netaddr
+from shared import accountspec, maillocation, netaddr, uidlformat
 from shared.logsetup import FLUSH_SECONDS, LEVEL_CHOICES, LEVEL_NAMES
 
 
@@ -115,6 +115,15 @@ def _to_choice(setting: Setting, value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in setting.choices:
         raise ValueError(f"must be one of {', '.join(setting.choices)}, not {value!r}")
     return value.upper()
+
+
+def _expire_days(value: str) -> str:
+    """NEVER or a whole number of days, kept as text ("NEVER", "0", "30")."""
+    if value.strip().upper() == "NEVER":
+        return "NEVER"
+    if not (value.isascii() and value.strip().isdigit()) or int(value) > 10_000_000:
+        raise ValueError(f"wants a number of days or NEVER, not {value!r}")
+    return str(int(value))
 
 
 _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
@@ -243,6 +252,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trusted_networks", "networks", (),
             "CIDR networks (a webmail, a proxy) exempt from the per-address failed-login "
             "delay and block, not from the per-user one", flag="trusted-networks"),
+    Setting("login_delay", "int", 0,
+            "RFC 2449 LOGIN-DELAY: seconds a user must wait between logins (0 = off); "
+            "per user: login_delay=N in the users file's extra field", minimum=0,
+            maximum=10_000_000, flag="login-delay"),
+    Setting("expire", "str", "NEVER",
+            "RFC 2449 EXPIRE: days a retrieved message stays before an UPDATE removes it "
+            "(0 = at the end of the session that retrieved it), or NEVER; per user: "
+            "expire_days=N or never", validator=_expire_days, metavar="DAYS|NEVER"),
+    Setting("uidl_format", "str", uidlformat.DEFAULT,
+            "how UIDLs imported from a Maildir's dovecot-uidlist are written (Dovecot's "
+            "pop3_uidl_format; a saved P field wins)", validator=uidlformat.check,
+            flag="uidl-format", metavar="FORMAT"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),

@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from shared.logsetup import escaped, log
+from worker import ledger as ledgers
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               Message, Sizing, session_flock)
 from worker.mboxformat import Record, from_line, parse, unquote, unquote_text, visible
@@ -240,6 +241,9 @@ class Mbox:
         self._session_fd: int | None = None
         self._records: dict[int, Record] = {}
         self._prefix: tuple[int, int] | None = None  # (length, crc32) of the scanned part
+        # Last login and first retrievals (by UIDL) beside the spool; sizes are not kept:
+        # the spool is read at every login anyway (worker.ledger).
+        self.ledger = ledgers.Ledger(fresh=True)
 
     @property
     def trash_path(self) -> str:
@@ -272,6 +276,10 @@ class Mbox:
             raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
         self._session_fd = session_flock(fd, self.path)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
+        self.ledger = ledgers.load_beside(self.path, f".{self.name}.iupop3.ledger", "")
+
+    def save_ledger(self) -> bool:
+        return ledgers.save_beside(self.path, f".{self.name}.iupop3.ledger", self.ledger)
 
     def unlock(self) -> None:
         if self._session_fd is not None:

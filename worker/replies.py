@@ -29,6 +29,8 @@ BAD_USER_NAME = "-ERR [AUTH] invalid user name"
 ADDRESS_BLOCKED = "-ERR [SYS/TEMP] too many failed logins from your address, try again later"
 LOGIN_DEFERRED = "-ERR [SYS/TEMP] too many login attempts for this user now, try again later"
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
+# RFC 2449 section 8.1.1: given only after a correct password, so it cannot probe accounts.
+LOGIN_DELAYED = "-ERR [LOGIN-DELAY] wait {seconds} more seconds between logins"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
 
 UNKNOWN_COMMAND = "-ERR unknown command"

@@ -18,27 +18,45 @@ names from here.
 
 from __future__ import annotations
 
+import time
 from typing import Any, BinaryIO, Protocol
 
 from shared import maillocation
 from shared.users import Account
+from worker.ledger import Ledger
 from worker.maildir import Maildir
 from worker.mbox import Mbox
+from worker.retention import Policy
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, READ_CHUNK, SPOOL_CHUNK, UIDL_OK,
                               WASTEBASKET, MaildropBusy, MaildropError, Message, Opener,
                               PlainSizing, Sizing, session_flock)
 
 __all__ = ["FOREIGN_FOLDER", "PLAIN", "READ_CHUNK", "SPOOL_CHUNK", "UIDL_OK", "WASTEBASKET",
-           "Maildrop", "MaildropBusy", "MaildropError", "Message", "Opener",
-           "PlainSizing", "Sizing", "lock_and_scan", "open_maildrop", "session_flock"]
+           "LoginTooSoon", "Maildrop", "MaildropBusy", "MaildropError", "Message", "Opener",
+           "PlainSizing", "Sizing", "lock_and_scan", "open_maildrop", "session_flock",
+           "update"]
+
+
+class LoginTooSoon(Exception):
+    """RFC 2449 LOGIN-DELAY: the user's last login was less than the delay ago."""
+
+    def __init__(self, seconds: int):
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 class Maildrop(Protocol):
     """One user's maildrop for the length of a session (Maildir and Mbox implement it).
 
-    Nothing before ``commit`` changes the disk, so a dropped connection or a killed worker
-    changes nothing; ``commit`` runs only in the UPDATE state.
+    Nothing before ``commit`` changes the messages, so a dropped connection or a killed
+    worker changes nothing; ``commit`` runs only in the UPDATE state. ``ledger`` is read by
+    ``lock`` (worker.ledger); ``save_ledger`` writes it when it learned something.
     """
+
+    ledger: Ledger
+
+    def save_ledger(self) -> bool:
+        """Write the ledger if it changed; False (logged) when the disk refused; pool."""
 
     def lock(self) -> None:
         """Take the session lock (MaildropBusy, MaildropError); pool."""
@@ -67,14 +85,54 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         path = "/".join((fixed.rstrip("/"), *below))
         return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
     owner = int(account.uid) if account.uid.isascii() and account.uid.isdigit() else None
-    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner)
+    group = int(account.gid) if account.gid.isascii() and account.gid.isdigit() else None
+    return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner,
+                   group, settings.uidl_format)
 
 
-def lock_and_scan(maildrop: Maildrop, maxmsg: int) -> list[Message]:
-    """Lock, then scan (one pool round trip at login); the lock never outlives a failure."""
+def lock_and_scan(maildrop: Maildrop, maxmsg: int, policy: Policy = Policy(),
+                  took_over: bool = False) -> list[Message]:
+    """Lock, check LOGIN-DELAY, scan, note the login (one pool round trip at login); the
+    lock never outlives a failure. A login that takes over a session of the same user
+    continues that poll: LOGIN-DELAY does not refuse it.
+
+    The ledger is written here when the scan measured new mail, was rebuilt, or LOGIN-DELAY
+    needs this login's time; otherwise at UPDATE, if anything changed.
+    """
+    now = int(time.time())
     maildrop.lock()
     try:
-        return maildrop.scan(maxmsg)
+        wait = 0 if took_over else policy.too_soon(maildrop.ledger, now)
+        if wait:
+            raise LoginTooSoon(wait)
+        messages = maildrop.scan(maxmsg)
     except BaseException:
         maildrop.unlock()
         raise
+    ledger = maildrop.ledger
+    if not maxmsg or len(messages) < maxmsg:  # the whole maildrop was seen
+        ledger.keep_only({m.base for m in messages})
+    ledger.last_login = now
+    if ledger.measured or ledger.fresh or policy.login_delay:
+        ledger.dirty = True
+        maildrop.save_ledger()
+        ledger.measured, ledger.fresh = 0, False
+    return messages
+
+
+def update(maildrop: Maildrop, deleted: list[Message], retrieved: list[Message],
+           messages: list[Message], policy: Policy) -> tuple[int, int]:
+    """UPDATE (pool): note first retrievals, add what EXPIRE removes to the deletions,
+    commit, and write the ledger once. Returns (foreign kept, expired)."""
+    now = int(time.time())
+    ledger = maildrop.ledger
+    for message in retrieved:
+        ledger.retrieved(message.base, message.uid, now)
+    chosen = {m.index for m in deleted}
+    live = [m for m in messages if m.index not in chosen]
+    expired = policy.expired(live, ledger, now)
+    removed = sorted(deleted + expired, key=lambda m: m.index)
+    kept = maildrop.commit(removed)
+    ledger.forget(m.base for m in removed)
+    maildrop.save_ledger()
+    return kept, len(expired)
