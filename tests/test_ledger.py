@@ -1,0 +1,251 @@
+"""The maildrop ledger, LOGIN-DELAY and EXPIRE against the real server (issue 13 items 2-4).
+
+Each test starts the real supervisor and workers on a loopback port and talks POP3 with
+poplib or a raw socket; ledgers, Maildirs and log lines are checked on disk and in the log.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import subprocess
+import time
+
+import pytest
+
+from conftest import USERS, write_message
+from processes import wait_until
+from worker import replies as R
+from worker.ledger import HEADER
+
+LEDGER = ".iupop3.ledger"
+
+
+def uidls(client: poplib.POP3) -> list[str]:
+    return [line.decode().split(" ", 1)[1] for line in client.uidl()[1]]
+
+
+def sizes(client: poplib.POP3) -> list[int]:
+    return [int(line.split()[1]) for line in client.list()[1]]
+
+
+def login_when_free(server, user: str = "alice") -> poplib.POP3:
+    """Log in once the worker has seen the previous connection of ``user`` close."""
+    result = []
+
+    def attempt() -> bool:
+        try:
+            result.append(server.login(user))
+            return True
+        except poplib.error_proto as exc:
+            assert b"[IN-USE]" in exc.args[0], exc
+            return False
+
+    assert wait_until(attempt, timeout=10)
+    return result[0]
+
+
+def restart(server):
+    """Stop the server and start it again on the same files (a new port)."""
+    server.stop()
+    server.lines.clear()
+    return server.start()
+
+
+def test_restart_reads_no_message_it_measured_before(start_server):
+    """After a restart, LIST comes from the ledger: a message rewritten in place with the same
+    length but other line ends (so another wire size) still lists its first size, which
+    only a server that did not read the file can answer."""
+    server = start_server("-maxmsg", "0")
+    box = server.maildir("alice")
+    target = write_message(box, "1700000010.M10.test", b"Subject: x\n\n" + b"a\n" * 50)
+    client = server.login()
+    first = sizes(client)
+    ids = uidls(client)
+    client.quit()
+    ledger = (box / LEDGER).read_text()
+    assert ledger.startswith(HEADER + "\n") and "1700000010.M10.test" in ledger
+    assert oct((box / LEDGER).stat().st_mode & 0o777) == "0o600"
+    target.write_bytes(b"Subject: x\n\n" + b"a" * 75 + b"\n" * 25)  # same length, fewer LFs
+    server = restart(server)
+    client = server.login()
+    assert sizes(client) == first and uidls(client) == ids
+    client.quit()
+
+
+def test_corrupt_ledger_is_rebuilt_with_the_same_uidls(start_server):
+    """A ledger the user scribbled over: the login works, the UIDLs are the same (they come
+    from the file names), the log says it was rebuilt, and a good ledger is written."""
+    server = start_server("-maxmsg", "0")
+    box = server.maildir("alice")
+    client = server.login()
+    ids, listed = uidls(client), sizes(client)
+    client.quit()
+    (box / LEDGER).write_bytes(b"iupop3-ledger 1\nsizing x\nlogin 0\nm a b c d e f\n")
+    server = restart(server)
+    client = server.login()
+    assert uidls(client) == ids and sizes(client) == listed
+    client.quit()
+    server.wait_for(r"ledger of \S+alice is corrupt .*rebuilding it")
+    assert (box / LEDGER).read_text().count("\nm ") == 3
+
+
+def test_ledger_symlink_is_not_followed(start_server, tmp_path):
+    """A ledger replaced by a symlink to a file outside: never read through, never written
+    through (the rename replaces the link), the login works."""
+    server = start_server()
+    box = server.maildir("alice")
+    outside = tmp_path / "outside"
+    outside.write_text("precious\n")
+    (box / LEDGER).symlink_to(outside)
+    client = server.login()
+    assert len(uidls(client)) == 3
+    client.quit()
+    assert outside.read_text() == "precious\n"
+    assert not (box / LEDGER).is_symlink()
+
+
+def test_oversized_ledger_is_refused_not_read(start_server):
+    """A ledger beyond the size bound (the user can write it) is ignored and rebuilt."""
+    server = start_server()
+    box = server.maildir("alice")
+    with open(box / LEDGER, "wb") as fh:
+        fh.write(HEADER.encode() + b"\n")
+        fh.truncate(17 << 20)
+    client = server.login()
+    assert len(uidls(client)) == 3
+    client.quit()
+    server.wait_for(r"ledger of \S+alice is corrupt \(larger than")
+    assert (box / LEDGER).stat().st_size < 4096
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_full_disk_never_stops_a_login(start_server, tmp_path):
+    """A Maildir on a full file system: the ledger cannot be written (logged), the login
+    and the listing still work."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        box = mount / "mail" / "alice"
+        write_message(box, "1700000001.M1.test", b"Subject: s\n\nbody\n")
+        (mount / "users").write_text(f"alice:{{PLAIN}}{USERS['alice']}::::::\n")
+        with open(mount / "filler", "wb", buffering=0) as fh:  # fill the rest of the disk
+            try:
+                for _ in range(100_000):
+                    fh.write(b"\0" * 1024)
+            except OSError:
+                pass
+        server = start_server("-maxmsg", "0", root=mount, deliver=False)
+        client = server.login()
+        assert len(uidls(client)) == 1
+        client.quit()
+        server.wait_for(r"\.iupop3\.ledger of \S+alice not written: No space left")
+        server.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_login_delay_after_correct_password_only_and_across_restarts(start_server, tmp_path):
+    """-login-delay: CAPA announces it; a second login gets [LOGIN-DELAY] only with the right
+    password (a wrong one is an ordinary [AUTH] failure: no probing), also after a restart;
+    an account with login_delay=0 in the users file logs in again at once."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "users").write_text(f"alice:{{PLAIN}}{USERS['alice']}::::::\n"
+                                f"bob:{{PLAIN}}{USERS['bob']}:::::: login_delay=0\n")
+    server = start_server("-login-delay", "3600", root=root)
+    raw = server.raw()
+    raw.line()
+    assert raw.command("CAPA") == R.CAPA.encode()
+    assert b"LOGIN-DELAY 3600 USER" in raw.multiline()
+    raw.close()
+    client = server.login("alice")
+    client.quit()
+    server = restart(server)
+    for _ in range(2):  # each worker may take the next connection: both must refuse
+        raw = server.raw()
+        raw.line()
+        raw.command("USER alice")
+        assert raw.command("PASS wrong").startswith(b"-ERR [AUTH]")
+        raw.command("USER alice")
+        assert raw.command(f"PASS {USERS['alice']}").startswith(b"-ERR [LOGIN-DELAY]")
+        raw.close()
+    for _ in range(2):
+        client = server.login("bob")
+        assert "LOGIN-DELAY" not in client.capa()
+        client.quit()
+
+
+def test_expire_zero_removes_what_was_retrieved_in_a_session_that_quit(start_server):
+    """EXPIRE 0: a message RETRieved in full in a session that QUIT goes to the wastebasket
+    without DELE; one only TOPped, or RETRieved in a session that dropped, stays."""
+    server = start_server("-expire", "0")
+    box = server.maildir("alice")
+    client = server.login()
+    assert "EXPIRE" in client.capa() and client.capa()["EXPIRE"] == ["0"]
+    client.retr(1)
+    client.top(2, 0)
+    client.close()  # dropped: nothing is learned, nothing applied
+    client = login_when_free(server)
+    assert len(uidls(client)) == 3
+    client.retr(1)
+    client.top(2, 0)
+    client.quit()
+    server.wait_for(r"update: 0 messages deleted, 1 expired")
+    assert sorted(p.name for p in (box / ".Trash" / "cur").iterdir()) == [
+        "1700000001.M1.test:2,"]
+    assert len(list((box / "new").iterdir()) + list((box / "cur").iterdir())) == 2
+
+
+def test_expire_days_counts_from_the_first_retrieval_in_the_ledger(start_server):
+    """EXPIRE 2: a message first retrieved now stays; once the ledger says that was three
+    days ago, the next session's UPDATE removes it (first retrieval held across sessions)."""
+    server = start_server("-expire", "2", "-maxmsg", "0")
+    box = server.maildir("alice")
+    client = server.login()
+    client.retr(2)
+    client.quit()
+    client = server.login()
+    assert len(uidls(client)) == 3
+    client.quit()
+    text = (box / LEDGER).read_text().splitlines()
+    then = int(time.time()) - 3 * 86400
+    for i, line in enumerate(text):
+        if line.startswith("m 1700000002.M2.test "):
+            words = line.split(" ")
+            assert words[6] != "-"
+            words[6] = str(then)
+            text[i] = " ".join(words)
+    (box / LEDGER).write_text("\n".join(text) + "\n")
+    client = server.login()
+    assert len(uidls(client)) == 3
+    client.quit()
+    server.wait_for(r"update: 0 messages deleted, 1 expired")
+    client = server.login()
+    assert len(uidls(client)) == 2
+    client.quit()
+
+
+def test_maildirsize_is_updated_when_the_server_deletes(start_server):
+    """Maildir++: with -purge_reclaim an existing maildirsize gets one line for the removed
+    messages (their ,S= size or file size); without the file none is made."""
+    server = start_server("-purge_reclaim")
+    box = server.maildir("alice")
+    (box / "maildirsize").write_text("1000000S,1000C\n0 3\n")
+    name = "1700000005.M5.test,S=123"
+    write_message(box, name, b"Subject: q\n\nquota\n")
+    client = server.login()
+    count = len(uidls(client))
+    client.dele(1)
+    client.dele(count)
+    client.quit()
+    server.wait_for(r"update: 2 messages deleted")
+    size1 = len(
+        b"From: sender1@example.org\nTo: you@example.org\nSubject: message 1\n"
+        b"Message-ID: <1@example.org>\n\nBody of message 1.\n")
+    assert (box / "maildirsize").read_text().splitlines()[-1] == f"{-(size1 + 123)} -2"
+    assert not (server.maildir("bob") / "maildirsize").exists()
