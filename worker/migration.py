@@ -37,6 +37,8 @@ def _read(folder: int, name: str, owner: int | None) -> bytes | None:
         data = b""
         while len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
             data += more
+    except OSError:
+        return None  # unreadable (EIO, EISDIR...): as if it were not there
     finally:
         os.close(fd)
     return data if len(data) <= MAX_BYTES else None
