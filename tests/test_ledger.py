@@ -16,7 +16,7 @@ import pytest
 from conftest import USERS, write_message
 from processes import wait_until
 from worker import replies as R
-from worker.ledger import HEADER
+from worker.ledger import HEADER, MAX_BYTES
 
 LEDGER = ".iupop3.ledger"
 
@@ -111,11 +111,11 @@ def test_oversized_ledger_is_refused_not_read(start_server):
     box = server.maildir("alice")
     with open(box / LEDGER, "wb") as fh:
         fh.write(HEADER.encode() + b"\n")
-        fh.truncate(17 << 20)
+        fh.truncate(MAX_BYTES + 1)  # sparse: costs no disk
     client = server.login()
     assert len(uidls(client)) == 3
     client.quit()
-    server.wait_for(r"ledger of \S+alice is corrupt \(larger than")
+    server.wait_for(r"ledger of \S+alice is corrupt \(empty or larger than")
     assert (box / LEDGER).stat().st_size < 4096
 
 
@@ -195,7 +195,7 @@ def test_expire_zero_removes_what_was_retrieved_in_a_session_that_quit(start_ser
     client.retr(1)
     client.top(2, 0)
     client.quit()
-    server.wait_for(r"update: 0 messages deleted, 1 expired")
+    server.wait_for(r"update: 1 retrieved messages expired")
     assert sorted(p.name for p in (box / ".Trash" / "cur").iterdir()) == [
         "1700000001.M1.test:2,"]
     assert len(list((box / "new").iterdir()) + list((box / "cur").iterdir())) == 2
@@ -224,7 +224,7 @@ def test_expire_days_counts_from_the_first_retrieval_in_the_ledger(start_server)
     client = server.login()
     assert len(uidls(client)) == 3
     client.quit()
-    server.wait_for(r"update: 0 messages deleted, 1 expired")
+    server.wait_for(r"update: 1 retrieved messages expired")
     client = server.login()
     assert len(uidls(client)) == 2
     client.quit()

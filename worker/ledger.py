@@ -29,8 +29,8 @@ from worker.storebase import UIDL_OK
 
 VERSION = 1
 HEADER = f"iupop3-ledger {VERSION}"
-MAX_BYTES = 16 << 20        # ~100,000 messages; a bigger file is refused, not read into memory
-MAX_ENTRIES = 200_000
+MAX_BYTES = 40 << 20        # MAX_ENTRIES lines of the longest names; more is refused unread
+MAX_ENTRIES = 100_000
 MAX_NUMBER = 1 << 48        # sizes and times beyond this are not real
 NAME_OK = re.compile(r"[\x21-\x7e]{1,255}")  # Maildir unique names and mbox UIDLs, no spaces
 FUTURE_SLACK = 86400        # a clock set back a day does not invalidate the ledger
@@ -175,8 +175,8 @@ def load(folder: int, name: str, owners: tuple[int, ...], sizing: str, where: st
         log.info("ledger of %s not used (%s); rebuilding it", escaped(where), exc.strerror)
         return Ledger(sizing, dirty=True, fresh=True)
     try:
-        data = os.read(fd, MAX_BYTES + 1)
-        while len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
+        data = b"" if os.fstat(fd).st_size > MAX_BYTES else os.read(fd, MAX_BYTES + 1)
+        while data and len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
             data += more
     except OSError as exc:
         log.info("ledger of %s unreadable (%s); rebuilding it", escaped(where), exc.strerror)
@@ -184,8 +184,8 @@ def load(folder: int, name: str, owners: tuple[int, ...], sizing: str, where: st
     finally:
         os.close(fd)
     try:
-        if len(data) > MAX_BYTES:
-            raise LedgerCorrupt(f"larger than {MAX_BYTES} bytes")
+        if not data or len(data) > MAX_BYTES:
+            raise LedgerCorrupt(f"empty or larger than {MAX_BYTES} bytes")
         return parse(data, sizing, now)
     except LedgerCorrupt as exc:
         log.info("ledger of %s is corrupt (%s); rebuilding it", escaped(where), exc)

@@ -444,8 +444,11 @@ class Session:
                 self.release()
                 self.reply(R.UPDATE_FAILED)
                 return
-            self.log.log(THREAD, "update: %d messages deleted, %d expired, %d of them foreign:"
-                         " moved to %s", len(deleted), expired, kept, FOREIGN_FOLDER)
+            if expired:
+                self.log.log(THREAD, "update: %d retrieved messages expired (EXPIRE %d)",
+                             expired, self.policy.expire_days)
+            self.log.log(THREAD, "update: %d messages deleted, %d of them foreign: moved to %s",
+                         len(deleted) + expired, kept, FOREIGN_FOLDER)
         self.release()
         self.reply(R.SIGNING_OFF.format(host=self.ctx.hostname))
 
