@@ -249,3 +249,27 @@ def test_maildirsize_is_updated_when_the_server_deletes(start_server):
         b"Message-ID: <1@example.org>\n\nBody of message 1.\n")
     assert (box / "maildirsize").read_text().splitlines()[-1] == f"{-(size1 + 123)} -2"
     assert not (server.maildir("bob") / "maildirsize").exists()
+
+
+def test_mbox_ledger_beside_the_spool_holds_login_delay_and_expire(start_server, tmp_path):
+    """An mbox maildrop: the ledger lives beside the spool; EXPIRE 0 removes the retrieved
+    message at QUIT, and LOGIN-DELAY refuses the next login after a restart."""
+    root = tmp_path / "srv"
+    spool = root / "spool"
+    spool.mkdir(parents=True)
+    text = b"".join(b"From a@example.org Thu Jan  1 00:00:00 2026\n" + m + b"\n"
+                    for m in (b"Subject: one\n\nBody 1.\n", b"Subject: two\n\nBody 2.\n"))
+    (spool / "alice").write_bytes(text)
+    args = ("-mail", f"mbox:{spool}/%u", "-expire", "0", "-login-delay", "3600")
+    server = start_server(*args, root=root, deliver=False)
+    client = server.login()
+    assert client.stat()[0] == 2
+    client.retr(1)
+    client.quit()
+    server.wait_for(r"update: 1 retrieved messages expired")
+    assert b"Subject: one" not in (spool / "alice").read_bytes()
+    assert b"Subject: one" in (spool / "alice.Trash").read_bytes()
+    assert (spool / ".alice.iupop3.ledger").read_text().startswith(HEADER)
+    server = restart(server)
+    with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+        server.login()
