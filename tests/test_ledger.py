@@ -157,7 +157,7 @@ def test_login_delay_after_correct_password_only_and_across_restarts(start_serve
     root.mkdir()
     (root / "users").write_text(f"alice:{{PLAIN}}{USERS['alice']}::::::\n"
                                 f"bob:{{PLAIN}}{USERS['bob']}:::::: login_delay=0\n")
-    server = start_server("-login-delay", "3600", root=root)
+    server = start_server("-login-delay", "3600", "-auth-delay", "0", root=root)
     raw = server.raw()
     raw.line()
     assert raw.command("CAPA") == R.CAPA.encode()
