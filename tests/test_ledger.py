@@ -273,3 +273,19 @@ def test_mbox_ledger_beside_the_spool_holds_login_delay_and_expire(start_server,
     server = restart(server)
     with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
         server.login()
+
+
+def test_courier_uidls_are_kept_and_stay_unique(start_server, tmp_path):
+    """A Maildir Courier served: its courierpop3dsizelist UIDLs (UID<n>-<uidv>) are listed in
+    Courier's order; a file that gives two messages one UIDL (the user can write it) does not
+    make the listing ambiguous: the second gets its own name."""
+    box = tmp_path / "srv" / "mail" / "alice"
+    for n in (1, 2, 3):
+        write_message(box, f"{1700000000 + n}.M{n}.host", f"Subject: {n}\n\nbody\n")
+    (box / "courierpop3dsizelist").write_text(
+        "/3 4 1690000000\n1700000002.M2.host 120 2:1690000000:0\n"
+        "1700000001.M1.host 120 1:1690000000:0\n1700000003.M3.host 120 2:1690000000:0\n")
+    server = start_server("-maxmsg", "0", root=tmp_path / "srv", deliver=False)
+    client = server.login()
+    assert uidls(client) == ["UID1-1690000000", "UID2-1690000000", "1700000003.M3.host"]
+    client.quit()

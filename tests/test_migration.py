@@ -3,8 +3,8 @@
 A private Dovecot (Debian dovecot-pop3d, installed by ``dev.py test``, its own config, base
 and state directories, a loopback port) serves a Maildir; fetchmail --keep polls it; then
 iupop3 serves the same Maildir and must give the identical UIDL list in the same order, and
-fetchmail's next poll must fetch nothing. Courier's file is covered by the sans-IO parser
-tests and one login here.
+fetchmail's next poll must fetch nothing. Courier's file: tests/test_ledger.py and the
+sans-IO parser tests.
 """
 
 from __future__ import annotations
@@ -187,14 +187,3 @@ def test_dovecot_uidls_are_kept_and_fetchmail_fetches_nothing(start_server, shar
     (box / ".iupop3.ledger").unlink()  # a lost ledger: the imported UIDLs stay
     assert uidl_list(server.port) == ours
 
-
-def test_courier_uidls_are_kept(start_server, tmp_path):
-    """A Maildir Courier served: its courierpop3dsizelist UIDLs (UID<n>-<uidv>) are listed."""
-    box = tmp_path / "srv" / "mail" / "alice"
-    for n in (1, 2):
-        write_message(box, f"{1700000000 + n}.M{n}.host", sample(n))
-    (box / "courierpop3dsizelist").write_text(
-        "/3 3 1690000000\n1700000002.M2.host 120 2:1690000000:0\n"
-        "1700000001.M1.host 120 1:1690000000:0\n")
-    server = start_server("-maxmsg", "0", root=tmp_path / "srv", deliver=False)
-    assert uidl_list(server.port) == [b"1 UID1-1690000000", b"2 UID2-1690000000"]

@@ -67,15 +67,17 @@ class ScanCache:
 SCANS = ScanCache()  # one per worker process: sessions of one worker share it
 
 
+def _digest(base: str) -> str:
+    return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
 def uid_for(base: str) -> str:
     """The UIDL of a message: its Maildir unique name, or a digest of it when unfit.
 
     A unique name never changes while the message lives in this Maildir (moving new/ -> cur/
     and flag changes only touch the part after ':'), so the UIDL is stable forever.
     """
-    if UIDL_OK.fullmatch(base):
-        return base
-    return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return base if UIDL_OK.fullmatch(base) else _digest(base)
 
 
 def ensure_maildir(path: str) -> None:
@@ -228,8 +230,12 @@ class Maildir:
                                       name, st))
             found.sort(key=lambda item: item[:4])
             entries = []
+            used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
             for _, base, sub, name, st in found:
                 uid = self.imported.get(base) or uid_for(base)
+                if uid in used:
+                    uid = uid_for(base) if uid_for(base) not in used else _digest(base)
+                used.add(uid)
                 value = self.ledger.known(base, st.st_size, uid)
                 if value is None:
                     value = self._measure(folders[sub], sub, name, base, st)
