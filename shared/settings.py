@@ -264,6 +264,10 @@ SETTINGS: tuple[Setting, ...] = (
             "how UIDLs imported from a Maildir's dovecot-uidlist are written (Dovecot's "
             "pop3_uidl_format; a saved P field wins)", validator=uidlformat.check,
             flag="uidl-format", metavar="FORMAT"),
+    Setting("mbox_ledger_dir", "path", "",
+            "folder for the ledgers of mbox spools (last login, first retrievals) when the "
+            "spool folder is not the server's to write in; default: beside each spool",
+            flag="mbox-ledger-dir"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),

@@ -289,3 +289,22 @@ def test_courier_uidls_are_kept_and_stay_unique(start_server, tmp_path):
     client = server.login()
     assert uidls(client) == ["UID1-1690000000", "UID2-1690000000", "1700000003.M3.host"]
     client.quit()
+
+
+def test_mbox_ledger_in_a_state_folder(start_server, tmp_path):
+    """-mbox-ledger-dir: the spool's ledger is kept there (made if missing), nothing is added
+    beside the spool, and LOGIN-DELAY reads it back."""
+    root = tmp_path / "srv"
+    spool = root / "spool"
+    spool.mkdir(parents=True)
+    (spool / "alice").write_bytes(b"From a@example.org Thu Jan  1 00:00:00 2026\n"
+                                  b"Subject: one\n\nBody 1.\n\n")
+    state = tmp_path / "state" / "ledgers"
+    server = start_server("-mail", f"mbox:{spool}/%u", "-mbox-ledger-dir", str(state),
+                          "-login-delay", "3600", "-auth-delay", "0", root=root, deliver=False)
+    server.login().quit()
+    [ledger_file] = list(state.iterdir())
+    assert ledger_file.name.startswith("alice.") and ledger_file.read_text().startswith(HEADER)
+    assert not [p for p in spool.iterdir() if p.name.endswith(".ledger")]
+    with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+        server.login()

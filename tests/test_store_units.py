@@ -83,6 +83,7 @@ def test_factory_picks_the_store_and_the_owner(tmp_path):
         wastebasket = store.WASTEBASKET
         purge_reclaim = False
         uidl_format = "%08Xu%08Xv"
+        mbox_ledger_dir = ""
 
     drop = store.open_maildrop(Settings, Account("alice", "x", uid="1234"), store.PLAIN)
     assert isinstance(drop, Maildir) and drop.owner == 1234

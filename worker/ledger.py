@@ -236,37 +236,56 @@ def write_file(folder: int, name: str, data: bytes, owner: tuple[int, int] | Non
     return True
 
 
-def _beside(spool: str) -> tuple[int, os.stat_result | None]:
-    """The spool's directory (opened) and the spool's lstat (None when missing)."""
-    # The administrator's directory (/var/mail may be a symlink): opened as written.
-    folder = os.open(os.path.dirname(spool) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def spool_place(spool: str, state_dir: str) -> tuple[str, str]:
+    """(folder, file name) of an mbox spool's ledger: beside the spool, or in ``state_dir``
+    (``-mbox-ledger-dir``) when the spool's folder is not the server's to write in."""
+    name = os.path.basename(spool)
+    if state_dir:
+        digest = hashlib.sha256(os.path.abspath(spool).encode()).hexdigest()[:16]
+        return state_dir, f"{name}.{digest}.ledger"
+    return os.path.dirname(spool) or ".", f".{name}.iupop3.ledger"
+
+
+def _spool_folder(spool: str, state_dir: str) -> tuple[int, str, os.stat_result | None]:
+    """The ledger's folder (opened as the administrator wrote it: /var/mail may be a
+    symlink), the ledger's name, and the spool's lstat (None when missing)."""
+    folder_path, name = spool_place(spool, state_dir)
+    if state_dir:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    folder = os.open(folder_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return folder, os.stat(os.path.basename(spool), dir_fd=folder, follow_symlinks=False)
+        return folder, name, os.lstat(spool)
     except FileNotFoundError:
-        return folder, None
+        return folder, name, None
 
 
-def load_beside(spool: str, name: str, sizing: str) -> Ledger:
-    """An mbox spool's ledger, kept beside it: the spool owner's file, or the server's own."""
-    folder, st = _beside(spool)
+def load_for_spool(spool: str, state_dir: str, sizing: str) -> Ledger:
+    """An mbox spool's ledger: beside it the spool owner's file or the server's own; in a
+    state folder only the server's."""
     try:
-        owners = (os.geteuid(),) if st is None else (st.st_uid, os.geteuid())
+        folder, name, st = _spool_folder(spool, state_dir)
+    except OSError as exc:
+        log.info("ledger of %s not used (%s)", escaped(spool), exc.strerror)
+        return Ledger(sizing, dirty=True, fresh=True)
+    try:
+        owners = (os.geteuid(),) if st is None or state_dir else (st.st_uid, os.geteuid())
         return load(folder, name, owners, sizing, spool)
     finally:
         os.close(folder)
 
 
-def save_beside(spool: str, name: str, ledger: Ledger) -> bool:
-    """Write an mbox spool's ledger beside it, given to the spool's owner and group."""
+def save_for_spool(spool: str, state_dir: str, ledger: Ledger) -> bool:
+    """Write an mbox spool's ledger; beside the spool it is given to the spool's owner."""
     if not ledger.dirty:
         return True
     try:
-        folder, st = _beside(spool)
+        folder, name, st = _spool_folder(spool, state_dir)
     except OSError as exc:
         log.warning("ledger of %s not written: %s", escaped(spool), exc.strerror)
         return False
     try:
-        return save(folder, name, ledger, None if st is None else (st.st_uid, st.st_gid), spool)
+        owner = None if st is None or state_dir else (st.st_uid, st.st_gid)
+        return save(folder, name, ledger, owner, spool)
     finally:
         os.close(folder)
 

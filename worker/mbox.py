@@ -228,7 +228,7 @@ class Mbox:
     """One user's mbox spool, locked against other POP3 sessions for a session's lifetime."""
 
     def __init__(self, path: str, wastebasket: str = WASTEBASKET, purge: bool = False,
-                 sizing: Sizing = PLAIN):
+                 sizing: Sizing = PLAIN, ledger_dir: str = ""):
         self.path = os.path.abspath(path)
         self.sizing = sizing
         self.directory, self.name = os.path.split(self.path)
@@ -244,6 +244,7 @@ class Mbox:
         # Last login and first retrievals (by UIDL) beside the spool; sizes are not kept:
         # the spool is read at every login anyway (worker.ledger).
         self.ledger = ledgers.Ledger(fresh=True)
+        self.ledger_dir = ledger_dir
 
     @property
     def trash_path(self) -> str:
@@ -276,10 +277,10 @@ class Mbox:
             raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file")
         self._session_fd = session_flock(fd, self.path)
         _unlink_quietly(self.new_path)  # left by a commit that crashed: the spool is whole
-        self.ledger = ledgers.load_beside(self.path, f".{self.name}.iupop3.ledger", "")
+        self.ledger = ledgers.load_for_spool(self.path, self.ledger_dir, "")
 
     def save_ledger(self) -> bool:
-        return ledgers.save_beside(self.path, f".{self.name}.iupop3.ledger", self.ledger)
+        return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger)
 
     def unlock(self) -> None:
         if self._session_fd is not None:

@@ -83,7 +83,8 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         raise MaildropError(str(exc)) from None
     if location.kind == "mbox":
         path = "/".join((fixed.rstrip("/"), *below))
-        return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
+        return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing,
+                    settings.mbox_ledger_dir)
     owner = int(account.uid) if account.uid.isascii() and account.uid.isdigit() else None
     group = int(account.gid) if account.gid.isascii() and account.gid.isdigit() else None
     return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, owner,
