@@ -37,6 +37,9 @@ __all__ = ["FOREIGN_FOLDER", "PLAIN", "READ_CHUNK", "SPOOL_CHUNK", "UIDL_OK", "W
            "update"]
 
 
+WRITE_AT_LOGIN = 64  # newly measured messages worth a ledger write before UPDATE
+
+
 class LoginTooSoon(Exception):
     """RFC 2449 LOGIN-DELAY: the user's last login was less than the delay ago."""
 
@@ -97,8 +100,9 @@ def lock_and_scan(maildrop: Maildrop, maxmsg: int, policy: Policy = Policy(),
     lock never outlives a failure. A login that takes over a session of the same user
     continues that poll: LOGIN-DELAY does not refuse it.
 
-    The ledger is written here when the scan measured new mail, was rebuilt, or LOGIN-DELAY
-    needs this login's time; otherwise at UPDATE, if anything changed.
+    The ledger is written here when it was rebuilt, when the scan measured many new messages
+    (a session that then drops loses nothing costly), or when LOGIN-DELAY needs this login's
+    time; otherwise at UPDATE, if anything changed: most sessions write it once or never.
     """
     now = int(time.time())
     maildrop.lock()
@@ -114,7 +118,7 @@ def lock_and_scan(maildrop: Maildrop, maxmsg: int, policy: Policy = Policy(),
     if not maxmsg or len(messages) < maxmsg:  # the whole maildrop was seen
         ledger.keep_only({m.base for m in messages})
     ledger.last_login = now
-    if ledger.measured or ledger.fresh or policy.login_delay:
+    if ledger.measured >= WRITE_AT_LOGIN or ledger.fresh or policy.login_delay:
         ledger.dirty = True
         maildrop.save_ledger()
         ledger.measured, ledger.fresh = 0, False
