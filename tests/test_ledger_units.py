@@ -167,3 +167,22 @@ def test_capa_lines_before_and_after_login():
 def test_ledger_time_is_plausible():
     """The sample NOW is in the past of this machine's clock (future times are refused)."""
     assert NOW < time.time() + 86400 * 365 * 10
+
+
+def test_names_the_format_cannot_hold_are_not_kept():
+    """A Maildir name with a space or non-ASCII is measured each time, never written into the
+    ledger (where it would make the whole file unreadable)."""
+    book = ledger.Ledger("abc")
+    book.learn("1700.M1.h with space", "H0123", 10, 9, False)
+    book.learn("1700.M2.h\udcff", "H0124", 10, 9, False)
+    book.retrieved("1700.M3 x", "u", NOW)
+    assert book.entries == {}
+    assert ledger.parse(book.text(), "abc", NOW).entries == {}
+
+
+def test_mbox_ledger_without_sizing_reads_back_clean():
+    """An mbox ledger (no sizing fingerprint) reads back unchanged: no write at every UPDATE."""
+    book = ledger.Ledger("")
+    book.retrieved("uidl-1", "uidl-1", NOW)
+    again = ledger.parse(book.text(), "", NOW)
+    assert not again.dirty and again.first_retrieved("uidl-1") == NOW

@@ -69,6 +69,8 @@ class Ledger:
         return entry.size, entry.foreign
 
     def learn(self, name: str, uidl: str, size: int, stored: int, foreign: bool) -> None:
+        if not NAME_OK.fullmatch(name):
+            return  # a name with a space or non-ASCII: measured each time, never written here
         old = self.entries.get(name)
         first = old.first_retrieved if old is not None else None
         if len(self.entries) < MAX_ENTRIES or old is not None:
@@ -93,7 +95,8 @@ class Ledger:
         """A RETR of ``name`` was fully sent in a session that QUIT: its first retrieval."""
         entry = self.entries.get(name)
         if entry is None:  # mbox keeps no sizes here: an entry that is never "known"
-            if len(self.entries) >= MAX_ENTRIES:
+            if len(self.entries) >= MAX_ENTRIES or not NAME_OK.fullmatch(name) \
+                    or not UIDL_OK.fullmatch(uidl):
                 return
             entry = self.entries[name] = Entry(uidl, 0, -1, False)
         if entry.first_retrieved is None:
@@ -108,7 +111,8 @@ class Ledger:
                  f"login {self.last_login if self.last_login is not None else '-'}"]
         for name, e in self.entries.items():
             first = "-" if e.first_retrieved is None else str(e.first_retrieved)
-            lines.append(f"m {name} {e.uidl} {e.size} {e.stored} {int(e.foreign)} {first}")
+            stored = "-" if e.stored < 0 else str(e.stored)  # "-": no size known (mbox, stale)
+            lines.append(f"m {name} {e.uidl} {e.size} {stored} {int(e.foreign)} {first}")
         return ("\n".join(lines) + "\n").encode("ascii")
 
 
@@ -137,7 +141,7 @@ def parse(data: bytes, sizing: str, now: int) -> Ledger:
         raise LedgerCorrupt("no header of this version, or not ended by a newline")
     if len(lines) > MAX_ENTRIES + 4:
         raise LedgerCorrupt("too many lines")
-    stored_sizing = lines[1].removeprefix("sizing ")
+    stored_sizing = lines[1].removeprefix("sizing ").replace("-", "", lines[1] == "sizing -")
     login = lines[2].split(" ")
     if not lines[1].startswith("sizing ") or len(login) != 2 or login[0] != "login":
         raise LedgerCorrupt("bad sizing or login line")
@@ -148,13 +152,13 @@ def parse(data: bytes, sizing: str, now: int) -> Ledger:
         if len(words) != 7 or words[0] != "m" or not NAME_OK.fullmatch(words[1]) \
                 or not UIDL_OK.fullmatch(words[2]) or words[5] not in ("0", "1"):
             raise LedgerCorrupt(f"bad message line {escaped(line[:80])}")
-        size, stored = _number(words[3], now), _number(words[4], now)
+        size, stored = _number(words[3], now), _number(words[4], now, optional=True)
         first = _number(words[6], now, optional=True, time_value=True)
         if words[1] in ledger.entries:
             raise LedgerCorrupt(f"message {words[1]} twice")
         # A stale size is marked by a stored size no file has: the message is re-measured.
-        ledger.entries[words[1]] = Entry(words[2], size or 0, stored if same_sizing else -1,
-                                         words[5] == "1", first)
+        known = stored if same_sizing and stored is not None else -1
+        ledger.entries[words[1]] = Entry(words[2], size or 0, known, words[5] == "1", first)
     ledger.dirty = not same_sizing
     return ledger
 

@@ -3,8 +3,9 @@
 One rule says where store work runs, because a worker serves all its sessions on one event loop:
 
     **On the thread pool (``ctx.offload``)**: everything that walks, lists, opens, locks,
-    reads a spool or renames: ``lock_and_scan`` at login, ``open_message`` for RETR and TOP,
-    ``commit`` at QUIT (wastebasket moves, the mbox rewrite and its fsync). These touch
+    reads a spool or renames: ``lock_and_scan`` at login (with the ledger's read and maybe
+    its write), ``open_message`` for RETR and TOP, ``update`` at QUIT (``commit``: wastebasket
+    moves, the mbox rewrite and its fsync; then the ledger's write). These touch
     directories and whole files, and one slow disk, a stuck NFS server or a 200 MiB spool
     would otherwise freeze every session of the worker.
     **On the event loop**: only what cannot block for long: closing descriptors (``unlock``)
@@ -111,17 +112,17 @@ def lock_and_scan(maildrop: Maildrop, maxmsg: int, policy: Policy = Policy(),
         if wait:
             raise LoginTooSoon(wait)
         messages = maildrop.scan(maxmsg)
+        ledger = maildrop.ledger
+        if not maxmsg or len(messages) < maxmsg:  # the whole maildrop was seen
+            ledger.keep_only({m.base for m in messages})
+        ledger.last_login = now
+        if ledger.measured >= WRITE_AT_LOGIN or ledger.fresh or policy.login_delay:
+            ledger.dirty = True
+            maildrop.save_ledger()
+            ledger.measured, ledger.fresh = 0, False
     except BaseException:
         maildrop.unlock()
         raise
-    ledger = maildrop.ledger
-    if not maxmsg or len(messages) < maxmsg:  # the whole maildrop was seen
-        ledger.keep_only({m.base for m in messages})
-    ledger.last_login = now
-    if ledger.measured >= WRITE_AT_LOGIN or ledger.fresh or policy.login_delay:
-        ledger.dirty = True
-        maildrop.save_ledger()
-        ledger.measured, ledger.fresh = 0, False
     return messages
 
 
