@@ -186,3 +186,24 @@ def test_mbox_ledger_without_sizing_reads_back_clean():
     book.retrieved("uidl-1", "uidl-1", NOW)
     again = ledger.parse(book.text(), "", NOW)
     assert not again.dirty and again.first_retrieved("uidl-1") == NOW
+
+
+def test_lock_and_scan_refuses_too_soon_unless_taking_over(tmp_path):
+    """store.lock_and_scan on a real Maildir: a second login within the delay raises
+    LoginTooSoon with the lock released; a takeover of the same user's session is let in."""
+    from conftest import sample, write_message
+    from worker import store
+    from worker.maildir import Maildir
+
+    write_message(tmp_path / "box", "1700000001.M1.h", sample(1))
+    policy = retention.Policy(login_delay=3600)
+    first = Maildir(str(tmp_path / "box"))
+    assert len(store.lock_and_scan(first, 0, policy)) == 1
+    first.unlock()
+    second = Maildir(str(tmp_path / "box"))
+    with pytest.raises(store.LoginTooSoon) as refused:
+        store.lock_and_scan(second, 0, policy)
+    assert 3590 < refused.value.seconds <= 3600
+    third = Maildir(str(tmp_path / "box"))  # the lock was released: this one gets it
+    assert len(store.lock_and_scan(third, 0, policy, took_over=True)) == 1
+    third.unlock()
