@@ -308,3 +308,21 @@ def test_mbox_ledger_in_a_state_folder(start_server, tmp_path):
     assert not [p for p in spool.iterdir() if p.name.endswith(".ledger")]
     with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
         server.login()
+
+
+def test_expire_keeps_the_foreign_rule_and_honours_purge(start_server):
+    """EXPIRE 0 with -purge_reclaim: a retrieved message is removed for good at QUIT, a
+    retrieved foreign one (served as a notice) is moved to .MAIL, never removed."""
+    server = start_server("-expire", "0", "-purge_reclaim")
+    box = server.maildir("alice")
+    write_message(box, "1700000004.M4.test", b"Subject: binary\n\n\0\1\2 not text\n")
+    client = server.login()
+    assert len(uidls(client)) == 4
+    client.retr(1)
+    client.retr(4)
+    client.quit()
+    server.wait_for(r"update: 2 retrieved messages expired")
+    assert [p.name for p in (box / ".MAIL" / "cur").iterdir()] == ["1700000004.M4.test:2,"]
+    left = sorted(p.name for sub in ("new", "cur") for p in (box / sub).iterdir())
+    assert left == ["1700000002.M2.test", "1700000003.M3.test"]
+    assert not (box / ".Trash").exists() or not list((box / ".Trash" / "cur").iterdir())
