@@ -34,6 +34,9 @@ TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "op
                         # systemd-socket-activate passes LISTEN_FDS sockets.
                         "promtool": "prometheus", "prometheus": "prometheus",
                         "systemd-socket-activate": "systemd"}
+# tests/test_migration.py serves one Maildir with a private Dovecot, then with iupop3.
+DOVECOT_PACKAGES = {"/usr/sbin/dovecot": "dovecot-core", "/usr/lib/dovecot/pop3": "dovecot-pop3d"}
+POLICY_RC = "/usr/sbin/policy-rc.d"
 
 
 def say(text: str) -> None:
@@ -50,6 +53,23 @@ def apt_install(packages: list[str]) -> bool:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
     return subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env).returncode == 0
+
+
+def install_without_starting(packages: list[str]) -> None:
+    """apt-get install with a policy-rc.d that exits 101, so no system service starts (the
+    tests run private instances); a policy file we made is removed again."""
+    if not packages or os.geteuid() != 0 or not shutil.which("apt-get"):
+        apt_install(packages)
+        return
+    made = not os.path.exists(POLICY_RC)
+    if made:
+        Path(POLICY_RC).write_text("#!/bin/sh\n# dev.py: no service starts on install\nexit 101\n")
+        os.chmod(POLICY_RC, 0o755)
+    try:
+        apt_install(packages)
+    finally:
+        if made:
+            os.remove(POLICY_RC)
 
 
 def ensure_venv(extras: str = "") -> None:
@@ -82,6 +102,8 @@ def test(args: list[str]) -> int:
     ensure_venv("test")
     missing = [pkg for tool, pkg in TEST_DEBIAN_PACKAGES.items() if not shutil.which(tool)]
     apt_install(missing)
+    install_without_starting([pkg for path, pkg in DOVECOT_PACKAGES.items()
+                              if not os.path.exists(path)])
     return subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
 
 

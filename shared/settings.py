@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import accountspec, maillocation, netaddr
+from shared import accountspec, maillocation, netaddr, uidlformat
 from shared.logsetup import FLUSH_SECONDS, LEVEL_CHOICES, LEVEL_NAMES
 
 
@@ -122,6 +122,15 @@ def _metrics_address(value: str) -> str:
     if value:
         netaddr.host_port(value)
     return value
+
+
+def _expire_days(value: str) -> str:
+    """NEVER or a whole number of days, kept as text ("NEVER", "0", "30")."""
+    if value.strip().upper() == "NEVER":
+        return "NEVER"
+    if not (value.isascii() and value.strip().isdigit()) or int(value) > 10_000_000:
+        raise ValueError(f"wants a number of days or NEVER, not {value!r}")
+    return str(int(value))
 
 
 _CONVERTERS: dict[str, Callable[[Setting, Any], Any]] = {
@@ -277,6 +286,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("xclient", "bool", False,
             "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) from -trusted-networks peers "
             "before login; their greeting starts +OK [XCLIENT]"),
+    Setting("login_delay", "int", 0,
+            "RFC 2449 LOGIN-DELAY: seconds a user must wait between logins (0 = off); "
+            "per user: login_delay=N in the users file's extra field", minimum=0,
+            maximum=10_000_000, flag="login-delay"),
+    Setting("expire", "str", "NEVER",
+            "RFC 2449 EXPIRE: days a retrieved message stays before an UPDATE removes it "
+            "(0 = at the end of the session that retrieved it), or NEVER; per user: "
+            "expire_days=N or never", validator=_expire_days, metavar="DAYS|NEVER"),
+    Setting("uidl_format", "str", uidlformat.DEFAULT,
+            "how UIDLs imported from a Maildir's dovecot-uidlist are written (Dovecot's "
+            "pop3_uidl_format; a saved P field wins)", validator=uidlformat.check,
+            flag="uidl-format", metavar="FORMAT"),
+    Setting("mbox_ledger_dir", "path", "",
+            "folder for the ledgers of mbox spools (last login, first retrievals) when the "
+            "spool folder is not the server's to write in; default: beside each spool",
+            flag="mbox-ledger-dir"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),

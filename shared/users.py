@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from shared import passwords
 
+EXPIRE_NEVER = -1  # expire_days=never: RFC 2449's EXPIRE NEVER
+MAX_POLICY_NUMBER = 10_000_000  # login_delay seconds, expire_days days: ~115 days / ~27,000 years
 ACCOUNT_FLAGS = frozenset({"disuser", "dismail", "pwd_expired", "pwd2_expired", "nologin"})
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 # The names a client may log in with (USER, APOP, AUTH) and the XTND file may grant to.
@@ -44,6 +46,8 @@ class Account:
     flags: frozenset[str] = field(default_factory=frozenset)
     extra: tuple[str, ...] = ()
     expires: datetime.date | None = None  # inaccessible from this (local) date on
+    login_delay: int | None = None  # seconds, RFC 2449 LOGIN-DELAY (None: the server's)
+    expire_days: int | None = None  # days or EXPIRE_NEVER, RFC 2449 EXPIRE (None: the server's)
 
     def accessible_on(self, day: datetime.date) -> bool:
         """Whether the account may log in on ``day``: no flag set and not yet expired."""
@@ -64,26 +68,40 @@ class Users(dict[str, Account]):
     dummy: str = passwords.DUMMY
 
 
-def _parse_extra(words: tuple[str, ...], where: str) -> tuple[frozenset[str], datetime.date | None]:
+def _policy_number(key: str, value: str, where: str) -> int:
+    """login_delay=N or expire_days=N|never (RFC 2449 LOGIN-DELAY and EXPIRE per user)."""
+    if key == "expire_days" and value == "never":
+        return EXPIRE_NEVER
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_POLICY_NUMBER:
+        wanted = "a whole number of days or never" if key == "expire_days" else "seconds"
+        raise UsersFileError(f"{where}: {key}={value!r} is not {wanted}")
+    return int(value)
+
+
+def _parse_extra(words: tuple[str, ...], where: str) -> tuple[frozenset[str], dict[str, object]]:
     flags: set[str] = set()
-    expires: datetime.date | None = None
+    values: dict[str, object] = {}
     for word in words:
         lower = word.lower()
         if lower in ACCOUNT_FLAGS:
             flags.add(lower)
             continue
         key, eq, value = lower.partition("=")
-        if key != "expire" or not eq:
+        if key not in ("expire", "login_delay", "expire_days") or not eq:
             continue  # other Dovecot extra fields (userdb_*, reason=...) are kept, not used
-        if expires is not None:
-            raise UsersFileError(f"{where}: expire= given twice")
+        field_name = "expires" if key == "expire" else key
+        if field_name in values:
+            raise UsersFileError(f"{where}: {key}= given twice")
+        if key != "expire":
+            values[key] = _policy_number(key, value, where)
+            continue
         try:
             if not _DATE.match(value):
                 raise ValueError(value)
-            expires = datetime.date.fromisoformat(value)
+            values["expires"] = datetime.date.fromisoformat(value)
         except ValueError:
             raise UsersFileError(f"{where}: expire={value!r} is not a date YYYY-MM-DD") from None
-    return frozenset(flags), expires
+    return frozenset(flags), values
 
 
 def parse_line(line: str, where: str) -> Account:
@@ -100,9 +118,9 @@ def parse_line(line: str, where: str) -> Account:
         scheme = passwords.split_scheme(password)[0]
         raise UsersFileError(f"{where}: unknown password scheme {{{scheme}}} for user {name!r}")
     words = tuple(fields[7].split())
-    flags, expires = _parse_extra(words, where)
+    flags, values = _parse_extra(words, where)
     return Account(name, password, fields[2], fields[3], fields[4], fields[5], fields[6],
-                   flags, words, expires)
+                   flags, words, **values)  # type: ignore[arg-type]
 
 
 def parse_users(text: str, path: str = "users file") -> Users:

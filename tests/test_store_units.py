@@ -74,7 +74,7 @@ def test_bad_store_settings_stop_the_start_with_one_line(tmp_path, args, words):
 def test_both_stores_offer_the_maildrop_interface():
     """Maildir and Mbox have every method of worker.store.Maildrop."""
     wanted = {name for name in vars(store.Maildrop) if not name.startswith("_")}
-    assert wanted == {"lock", "unlock", "scan", "open_message", "commit"}
+    assert wanted == {"lock", "unlock", "scan", "open_message", "commit", "save_ledger"}
     for cls in (Maildir, Mbox):
         assert wanted <= set(dir(cls)), cls
 
@@ -85,6 +85,8 @@ def test_factory_picks_the_store_and_the_owner(tmp_path):
         mail = f"maildir:{tmp_path}/%u"
         wastebasket = store.WASTEBASKET
         purge_reclaim = False
+        uidl_format = "%08Xu%08Xv"
+        mbox_ledger_dir = ""
 
     drop = store.open_maildrop(Settings, Account("alice", "x", uid="1234"), store.PLAIN)
     assert isinstance(drop, Maildir) and drop.owner == 1234

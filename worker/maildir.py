@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from shared.logsetup import escaped, log
-from worker import safefs
+from worker import ledger as ledgers
+from worker import maildirquota, migration, safefs
+from worker.ledger import Ledger
 from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, fault_stop_point, session_flock)
 
 LOCK_NAME = ".iupop3.lock"
+LEDGER_NAME = ".iupop3.ledger"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
 SUBS = ("cur", "new", "tmp")
 
@@ -63,15 +66,17 @@ class ScanCache:
 SCANS = ScanCache()  # one per worker process: sessions of one worker share it
 
 
+def _digest(base: str) -> str:
+    return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
 def uid_for(base: str) -> str:
     """The UIDL of a message: its Maildir unique name, or a digest of it when unfit.
 
     A unique name never changes while the message lives in this Maildir (moving new/ -> cur/
     and flag changes only touch the part after ':'), so the UIDL is stable forever.
     """
-    if UIDL_OK.fullmatch(base):
-        return base
-    return "H" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return base if UIDL_OK.fullmatch(base) else _digest(base)
 
 
 def ensure_maildir(path: str) -> None:
@@ -100,12 +105,16 @@ class Maildir:
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
                  purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None,
-                 group: int | None = None):
+                 group: int | None = None, uidl_format: str = migration.DEFAULT_FORMAT):
         self.trusted, self.below = (where, ()) if isinstance(where, str) else where
         self.path = os.path.join(self.trusted, *self.below)
         self.sizing = sizing
         self.owner = owner
         self.group = group
+        self.uidl_format = uidl_format
+        self.ledger = Ledger(ledgers.sizing_fingerprint(sizing), fresh=True)
+        self.imported: migration.Imported = {}
+        self._positions: dict[str, int] = {}
         self.wastebasket = wastebasket
         self.purge = purge
         self._root_fd: int | None = None
@@ -146,6 +155,28 @@ class Maildir:
             os.close(root)
             raise
         self._root_fd, self.owner = root, owner
+        self._read_ledger(root)
+
+    def _read_ledger(self, root: int) -> None:
+        """The ledger and the import table; on first sight, the previous server's UIDLs."""
+        self.ledger = ledgers.load(root, LEDGER_NAME, (self.owner,), self.ledger.sizing,
+                                   self.path)
+        table = migration.load_table(root, self.owner)
+        if table is None and self.ledger.fresh:
+            table = migration.import_once(root, self.owner, self._group(root), self.uidl_format,
+                                          self.path)
+        self.imported = table or {}
+        self._positions = {base: i for i, base in enumerate(self.imported)}
+
+    def _group(self, root: int) -> int:
+        return self.group if self.group is not None else os.fstat(root).st_gid
+
+    def save_ledger(self) -> bool:
+        """Write the ledger if it learned something (pool); a full disk is only logged."""
+        if self._root_fd is None or self.owner is None:
+            return False
+        return ledgers.save(self._root_fd, LEDGER_NAME, self.ledger,
+                            (self.owner, self._group(self._root_fd)), self.path)
 
     def made_owner(self, root: int) -> safefs.Owner:
         """Whom what the server makes in this Maildir belongs to: the account's uid and gid
@@ -188,7 +219,8 @@ class Maildir:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
         with self._root() as root:
             listing = _listing(root)
-            entries = SCANS.get(self.path, listing, self.sizing)
+            # A rebuilt ledger is filled from the files, not from this worker's memory.
+            entries = None if self.ledger.fresh else SCANS.get(self.path, listing, self.sizing)
             if entries is None:
                 entries = self._measure_all(root, listing)
                 SCANS.put(self.path, listing, self.sizing, entries)
@@ -206,20 +238,37 @@ class Maildir:
                 for name in names:
                     st = self._servable(folders[sub], sub, name)
                     if st is not None:
-                        found.append((_delivery_time(name, st), name.split(":", 1)[0], sub,
+                        found.append((self._order(name, st), name.split(":", 1)[0], sub,
                                       name, st))
             found.sort(key=lambda item: item[:4])
             entries = []
+            used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
             for _, base, sub, name, st in found:
-                value = self._measure(folders[sub], sub, name, base, st)
+                uid = self.imported.get(base) or uid_for(base)
+                if uid in used:
+                    uid = uid_for(base) if uid_for(base) not in used else _digest(base)
+                used.add(uid)
+                value = self.ledger.known(base, st.st_size, uid)
+                if value is None:
+                    value = self._measure(folders[sub], sub, name, base, st)
+                    if value is not None:
+                        self.ledger.learn(base, uid, value[0], st.st_size, value[1])
                 if value is not None:
                     path = f"{self.path}/{sub}/{name}"
-                    entries.append((uid_for(base), value[0], path, base, value[1]))
+                    entries.append((uid, value[0], path, base, value[1]))
             return entries
         finally:
             for fd in folders.values():
                 if fd is not None:
                     os.close(fd)
+
+    def _order(self, name: str, st: os.stat_result) -> tuple[int, int]:
+        """Where a message is listed: the previous server's order first (so a client sees the
+        same list after the move), then by delivery time."""
+        base = name.split(":", 1)[0]
+        if base in self.imported:
+            return (0, self._positions[base])
+        return (1, _delivery_time(name, st))
 
     def _servable(self, folder: int | None, sub: str, name: str) -> os.stat_result | None:
         """The lstat of a listed name if it may be a message, else None (logged)."""
@@ -298,11 +347,13 @@ class Maildir:
                foreign: int | None) -> int:
         folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
         kept = 0
+        removed: list[int] = []
         try:
             for done, message in enumerate(deleted):
                 fault_stop_point(done)
                 try:
-                    self._remove(root, folders, message, foreign if message.foreign else trash)
+                    self._remove(root, folders, message, foreign if message.foreign else trash,
+                                 removed)
                 except FileNotFoundError:
                     continue  # already gone: another client deleted it, which is what we wanted
                 except UnsafeEntry as exc:
@@ -310,6 +361,7 @@ class Maildir:
                     continue
                 kept += message.foreign
         finally:
+            maildirquota.record_removed(root, removed, self.owner)
             for fd in folders.values():
                 if fd is not None:
                     os.close(fd)
@@ -329,7 +381,7 @@ class Maildir:
         return cur
 
     def _remove(self, root: int, folders: dict[str, int | None], message: Message,
-                target: int | None) -> None:
+                target: int | None, removed: list[int]) -> None:
         sub, name = _where(message.path)
         st = _lstat(folders.get(sub), name)
         if st is None:
@@ -343,6 +395,7 @@ class Maildir:
         folder = folders[sub]
         if target is None:
             os.unlink(name, dir_fd=folder)
+            removed.append(maildirquota.counted_size(name, st))
             return
         # rename() is atomic: the message is in exactly one folder at every moment.
         os.rename(name, name if ":2," in name else name + ":2,", src_dir_fd=folder,
@@ -361,13 +414,15 @@ class Maildir:
             except UnsafeEntry as exc:
                 self._skip(self.wastebasket, f"{exc.strerror}; not emptied")
                 return
+            removed: list[int] = []
             try:
                 for sub in ("cur", "new"):
-                    self._empty(trash, sub)
+                    self._empty(trash, sub, removed)
             finally:
                 os.close(trash)
+            maildirquota.record_removed(root, removed, self.owner)
 
-    def _empty(self, trash: int, sub: str) -> None:
+    def _empty(self, trash: int, sub: str, removed: list[int]) -> None:
         where = f"{self.wastebasket}/{sub}"
         try:
             folder = safefs.open_dir(trash, sub)
@@ -385,6 +440,7 @@ class Maildir:
                         self._skip(f"{where}/{name}", problem + "; not deleted")
                         continue
                     os.unlink(name, dir_fd=folder)
+                    removed.append(maildirquota.counted_size(name, st))
                 except FileNotFoundError:
                     pass
         finally:

@@ -51,6 +51,7 @@ from typing import BinaryIO
 from shared.logsetup import escaped, log
 from worker import safefs
 from worker.safefs import UnsafeEntry
+from worker import ledger as ledgers
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, SPOOL_CHUNK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, session_flock)
 from worker import mboxjournal
@@ -76,7 +77,8 @@ class Mbox:
     """
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
-                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None):
+                 purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None,
+                 ledger_dir: str = ""):
         trusted, below = (where, ()) if isinstance(where, str) else where
         if below:
             self.trusted, self.below = trusted, below[:-1]
@@ -99,6 +101,10 @@ class Mbox:
         self.lock_key: LockKey | None = None  # the held session lock file, while held
         self._records: dict[int, Record] = {}
         self._prefix: tuple[int, int] | None = None  # (length, crc32) of the scanned part
+        # Last login and first retrievals (by UIDL) beside the spool; sizes are not kept:
+        # the spool is read at every login anyway (worker.ledger).
+        self.ledger = ledgers.Ledger(fresh=True)
+        self.ledger_dir = ledger_dir
 
     @property
     def trash_path(self) -> str:
@@ -142,6 +148,7 @@ class Mbox:
         self.lock_key = (st.st_dev, st.st_ino)
         # left by a commit that crashed: the spool is whole
         _unlink_quietly(_name(self.new_path), self._dir_fd)
+        self.ledger = ledgers.load_for_spool(self.path, self.ledger_dir, "")
 
     def _walk(self) -> int:
         """The spool directory's descriptor (worker.safefs.walk); MaildropError if refused."""
@@ -168,6 +175,9 @@ class Mbox:
             raise MaildropError(f"maildrop {self.path}: its session lock is not a regular file"
                                 " of one link of the account's; refused")
         return fd
+
+    def save_ledger(self) -> bool:
+        return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger)
 
     def unlock(self) -> None:
         if self._session_fd is not None:

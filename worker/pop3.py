@@ -16,11 +16,11 @@ from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
 from shared.users import Account, user_name
 from worker import replies as R
-from worker import rewrite, sasl, store, takeover, xclient
+from worker import retention, rewrite, sasl, store, takeover, xclient
 from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
-from worker.store import FOREIGN_FOLDER, MaildropBusy, MaildropError, Message
+from worker.store import FOREIGN_FOLDER, LoginTooSoon, MaildropBusy, MaildropError, Message
 from worker.wire import DotStuffer
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
@@ -82,6 +82,9 @@ class Session:
         self.user: str | None = None  # from USER, waiting for PASS
         self.account_name: str | None = None
         self.took_over = False  # this login ended an idle session of its maildrop (issue 13)
+        self.account: Account | None = None
+        self.policy = retention.Policy()
+        self.retrieved: set[int] = set()  # RETRs sent whole: first retrievals if the client QUITs
         self.failures = 0
         self.maildrop = None
         self.messages: list[Message] = []
@@ -363,13 +366,19 @@ class Session:
 
     def _enter_transaction(self, user: str, account: Account) -> None:
         """Open, lock and scan the account's maildrop; TRANSACTION if that works."""
+        policy = retention.Policy.for_account(self.ctx.settings, account)
         try:
             maildrop = self.ctx.maildrop_for(account)
             # Lock and scan in the pool (worker.store); a held lock is waited for (the server's
             # doing: -login-timeout stands still) or taken over.
             with self.limits.login.paused():
                 self.messages, self.took_over = takeover.lock_and_scan(
-                    self.ctx, maildrop, self.session_id, self.log, user)
+                    self.ctx, maildrop, self.session_id, self.log, user, policy)
+        except LoginTooSoon as exc:
+            self.log.log(THREAD, "login of %s refused: LOGIN-DELAY %ds, %ds left", user,
+                         policy.login_delay, exc.seconds)
+            self.reply(R.LOGIN_DELAYED.format(seconds=exc.seconds))
+            return
         except MaildropBusy:
             self.log.log(THREAD, "maildrop of %s in use", user)
             self.reply(R.IN_USE)
@@ -383,7 +392,7 @@ class Session:
             self.reply(R.MAILDROP_UNAVAILABLE)
             return
         self.maildrop = maildrop
-        self.account_name = account.name
+        self.account_name, self.account, self.policy = account.name, account, policy
         self.state = State.TRANSACTION
         self.limits.login.met()
         self.ctx.stats.user_logged_in(id(self), account.name)
@@ -421,6 +430,9 @@ class Session:
             self.reply("SASL " + " ".join(self._mechanisms()))
         if self.tls_available and not self.secure and self.state is State.AUTHORIZATION:
             self.reply("STLS")
+        for line in retention.capa_lines(self.ctx.settings, self.ctx.accounts.users,
+                                         self.account):
+            self.reply(line)
         self.reply(f"IMPLEMENTATION IUPOP3-V{self.ctx.version}")
         self._write(b".\r\n")
 
@@ -439,15 +451,20 @@ class Session:
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
-            try:
-                kept = self.ctx.offload(self.maildrop.commit, deleted)  # pool: worker.store
+            retrieved = [self.messages[i] for i in sorted(self.retrieved)]
+            try:  # pool: worker.store
+                kept, expired = self.ctx.offload(store.update, self.maildrop, deleted, retrieved,
+                                                 self.messages, self.policy)
             except OSError as exc:
                 self.log.error("update of %s failed: %s", self.account_name, exc)
                 self.release()
                 self.reply(R.UPDATE_FAILED)
                 return
+            if expired:
+                self.log.log(THREAD, "update: %d retrieved messages expired (EXPIRE %d)",
+                             expired, self.policy.expire_days)
             self.log.log(THREAD, "update: %d messages deleted, %d of them foreign: moved to %s",
-                         len(deleted), kept, FOREIGN_FOLDER)
+                         len(deleted) + expired, kept, FOREIGN_FOLDER)
         self.release()
         self.reply(R.SIGNING_OFF.format(host=self.ctx.hostname))
 
@@ -499,6 +516,7 @@ class Session:
                          xid)
             pieces = self.ctx.rewriter.render(fh, message.foreign, xid)
             self._send_multiline(R.RETR.format(octets=message.size), pieces)
+        self.retrieved.add(message.index)
         self.ctx.stats.retrieved(message.size)
 
     def pop_TOP(self, rest: bytes) -> None:

@@ -31,6 +31,8 @@ LOGIN_DEFERRED = "-ERR [SYS/TEMP] too many login attempts for this user now, try
 IN_USE = "-ERR [IN-USE] maildrop is in use by another session"
 # Issue 13: no response code; RFC 2449 defines [IN-USE] only for replies to a login.
 TAKEN_OVER = "-ERR session taken over by a new login"
+# RFC 2449 section 8.1.1: given only after a correct password, so it cannot probe accounts.
+LOGIN_DELAYED = "-ERR [LOGIN-DELAY] wait {seconds} more seconds between logins"
 MAILDROP_UNAVAILABLE = "-ERR [SYS/TEMP] maildrop cannot be opened now"
 
 UNKNOWN_COMMAND = "-ERR unknown command"

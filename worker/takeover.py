@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.logsetup import THREAD
-from worker import store
+from worker import retention, store
 from worker.store import LockHolder, MaildropBusy, Message
 
 STAMP_MAGIC = "iupop3-session"
@@ -125,8 +125,10 @@ class LockWait:
     """One login's wait for a held maildrop: lock attempts with backoff until ``-lock-wait``,
     asking the holder to go whenever its stamp changed or the holder said when to ask again."""
 
-    def __init__(self, ctx: Any, maildrop: store.Maildrop, session_id: str, log: Any):
+    def __init__(self, ctx: Any, maildrop: store.Maildrop, session_id: str, log: Any,
+                 policy: Any = None):
         self.ctx, self.maildrop, self.session_id, self.log = ctx, maildrop, session_id, log
+        self.policy = policy if policy is not None else retention.Policy()
         self.requester = f"{session_id} pid {os.getpid()}"
         self.took_over = False
         self.next_ask = -math.inf
@@ -141,7 +143,10 @@ class LockWait:
         pause = FIRST_PAUSE
         for _ in range(MAX_TURNS):
             try:
-                return self.ctx.offload(store.lock_and_scan, self.maildrop, settings.maxmsg)
+                # A login that took over a session of this maildrop continues that poll:
+                # LOGIN-DELAY does not refuse it (issue 13).
+                return self.ctx.offload(store.lock_and_scan, self.maildrop, settings.maxmsg,
+                                        self.policy, self.took_over)
             except MaildropBusy as busy:
                 if busy.holder is not None and settings.takeover_idle and self._ask(busy.holder):
                     continue  # the holder is gone: try the lock again at once
@@ -180,10 +185,10 @@ class LockWait:
 
 
 def lock_and_scan(ctx: Any, maildrop: store.Maildrop, session_id: str, log: Any,
-                  user: str) -> tuple[list[Message], bool]:
+                  user: str, policy: Any = None) -> tuple[list[Message], bool]:
     """(messages, took_over): the login's lock and first scan; ``took_over`` says it ended
     another session of this maildrop (a continued poll: LOGIN-DELAY lets it through)."""
-    wait = LockWait(ctx, maildrop, session_id, log)
+    wait = LockWait(ctx, maildrop, session_id, log, policy)
     messages = wait.run(user)
     return messages, wait.took_over
 
