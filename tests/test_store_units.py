@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from shared import maillocation
+from shared import settings as settings_mod
 from shared.users import Account
 from worker import store
 from worker.maildir import Maildir
@@ -191,6 +192,8 @@ def test_factory_passes_the_accounts_uid_and_gid(tmp_path):
         mail = f"maildir:{tmp_path}/%u"
         wastebasket = store.WASTEBASKET
         purge_reclaim = False
+        uidl_format = settings_mod.BY_NAME["uidl_format"].default
+        mbox_ledger_dir = ""
 
     drop = store.open_maildrop(Settings, Account("alice", "x", uid="1234", gid="5678"),
                                store.PLAIN)

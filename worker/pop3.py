@@ -21,6 +21,7 @@ from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
 from worker.store import FOREIGN_FOLDER, LoginTooSoon, MaildropBusy, MaildropError, Message
+from worker.saslsession import SaslExchange
 from worker.wire import DotStuffer
 
 MAX_LINE = 255  # RFC 2449 section 4: a command line is at most 255 octets with its CRLF
@@ -51,7 +52,7 @@ ALLOWED: dict[State, frozenset[str]] = {
 CAPABILITIES = ("TOP", "USER", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE")
 
 
-class Session:
+class Session(SaslExchange):
     """The server half of one POP3 conversation."""
 
     def __init__(self, ctx: ServerContext, write: Callable[[bytes], None], peer: str,
@@ -274,15 +275,6 @@ class Session:
         else:
             self._auth_login_user(initial)
 
-    def _mechanisms(self) -> tuple[str, ...]:
-        return sasl.MECHANISMS if self.cleartext_allowed() else ()
-
-    def _challenge(self, text: str, step: Callable[[bytes], None]) -> None:
-        """Send a base64 challenge ("+ " alone for none) and wait for the client's answer."""
-        self.auth_refused = False
-        self.continuation = step
-        self._write(f"+ {text}\r\n".encode())
-
     def _wait_penalty(self, user: str, seconds: float) -> None:
         """Wait out a failed-login penalty before any answer; it does not count against
         -login-timeout (the wait is the server's doing, not the client's)."""
@@ -300,46 +292,6 @@ class Session:
         self._wait_penalty(user or "", admission.wait)
         self._login_failed(user or "", R.SASL_FAILED if user else R.SASL_MALFORMED,
                            admission.wait)
-
-    def _auth_plain(self, response: bytes) -> None:
-        if response.strip() == sasl.CANCEL:
-            self.reply(R.SASL_CANCELLED)
-            return
-        decoded = sasl.decode_b64(response)
-        credentials = sasl.plain_credentials(decoded) if decoded is not None else None
-        user = user_name(credentials[0]) if credentials is not None else None
-        if user is None:
-            self._sasl_failed(None)
-            return
-        password = credentials[1]
-        self._login(user, lambda: self.ctx.accounts.authenticate(user, password, self.address),
-                    R.SASL_FAILED)
-
-    def _auth_login_user(self, response: bytes) -> None:
-        if response.strip() == sasl.CANCEL:
-            self.reply(R.SASL_CANCELLED)
-            return
-        decoded = sasl.decode_b64(response)
-        try:
-            user = user_name(decoded.decode("utf-8")) if decoded is not None else None
-        except UnicodeDecodeError:
-            user = None
-        if user is None:
-            self._sasl_failed(None)
-            return
-        self._challenge(sasl.LOGIN_PASSWORD_PROMPT,
-                        lambda line: self._auth_login_password(user, line))
-
-    def _auth_login_password(self, user: str, response: bytes) -> None:
-        if response.strip() == sasl.CANCEL:
-            self.reply(R.SASL_CANCELLED)
-            return
-        password = sasl.decode_b64(response)
-        if password is None:
-            self._sasl_failed(user)
-            return
-        self._login(user, lambda: self.ctx.accounts.authenticate(user, password, self.address),
-                    R.SASL_FAILED)
 
     def _login(self, user: str, check: Callable[[], Verdict],
                failure: str = R.NOT_ACCESSIBLE) -> None:
