@@ -66,6 +66,9 @@ class Session:
         self.address = address                # the client's IP address, for the auth guard
         self.start_tls = False                # set by STLS: the connection starts TLS next
         self.xclient_trusted = False          # the peer may send XCLIENT (worker/xclient.py)
+        # A PROXY header that could not name the client (worker/connection.py): self.address
+        # is then the balancer's, which must not lend the client its -trusted-networks exemption.
+        self.unknown_source = False
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
         # An AUTH naming only a mechanism was just refused: a client that sent its response
@@ -290,7 +293,7 @@ class Session:
 
     def _sasl_failed(self, user: str | None) -> None:
         """A response that names no password to check: it pays the address's penalty only."""
-        admission = self.ctx.guard.admit(self.address, None)
+        admission = self.ctx.guard.admit(self.address, None, exempt=not self.unknown_source)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
@@ -343,7 +346,8 @@ class Session:
         """Wait the guard's penalty, authenticate with ``check``, then open and lock the
         maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait, and
         every refusal (unknown, wrong, locked, expired ...) gets the same reply."""
-        admission = self.ctx.guard.admit(self.address, user)
+        admission = self.ctx.guard.admit(self.address, user,
+                                         exempt=not self.unknown_source)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
