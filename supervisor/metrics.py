@@ -44,6 +44,10 @@ COUNTERS: tuple[tuple[str, str, Counter], ...] = (
      Counter.HUNG_KILLED),
     ("iupop3_handoffs_lost", "Connections lost because the kernel dropped their descriptor "
      "in the handoff (a truncated frame).", Counter.TRUNCATED),
+    ("iupop3_proxy_headers_refused", "Connections closed for a missing, malformed or "
+     "untrusted PROXY header (XTND STATS Proxy Refusals).", Counter.PROXY_REFUSED),
+    ("iupop3_takeovers", "Idle sessions ended so a new login of their maildrop could take "
+     "its lock (XTND STATS Takeovers).", Counter.TAKEOVERS),
 )
 # (name, help, label, {label value: counter}) of counters split by one label.
 LABELLED: tuple[tuple[str, str, str, Mapping[str, Counter]], ...] = (

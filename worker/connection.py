@@ -176,6 +176,7 @@ class Connection:
         except TakenOver as exc:
             self.session.release()  # first: the new login is waiting for this lock
             self.released.set()
+            ctx.stats.count(Counter.TAKEOVERS)  # here, once: the session that was ended
             self.session.log.log(THREAD, "session taken over by a new login (%s); nothing"
                                  " applied", exc)
             self._try_send(R.TAKEN_OVER)
