@@ -275,8 +275,9 @@ SETTINGS: tuple[Setting, ...] = (
             "a balancer passing port 995 through", flag="proxy-tls-listen",
             validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
     Setting("xclient", "bool", False,
-            "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) from -trusted-networks peers "
-            "before login; their greeting starts +OK [XCLIENT]"),
+            "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) before login from "
+            "-trusted-networks peers that speak for themselves (no PROXY header, or v2 "
+            "LOCAL); their greeting starts +OK [XCLIENT]"),
     Setting("demo", "bool", False,
             "run on the embedded demo: users and mail in -state, 127.0.0.1 and ::1 port 1110"),
     Setting("state", "path", "state", "folder for the demo's users file and mail"),
