@@ -66,9 +66,7 @@ class Session:
         self.address = address                # the client's IP address, for the auth guard
         self.start_tls = False                # set by STLS: the connection starts TLS next
         self.xclient_trusted = False          # the peer may send XCLIENT (worker/xclient.py)
-        # A PROXY header that could not name the client (worker/connection.py): self.address
-        # is then the balancer's, which must not lend the client its -trusted-networks exemption.
-        self.unknown_source = False
+        self.unknown_source = False           # behind a PROXY header that named no client
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
         # An AUTH naming only a mechanism was just refused: a client that sent its response
@@ -346,8 +344,7 @@ class Session:
         """Wait the guard's penalty, authenticate with ``check``, then open and lock the
         maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait, and
         every refusal (unknown, wrong, locked, expired ...) gets the same reply."""
-        admission = self.ctx.guard.admit(self.address, user,
-                                         exempt=not self.unknown_source)
+        admission = self.ctx.guard.admit(self.address, user, exempt=not self.unknown_source)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
