@@ -9,6 +9,7 @@ import struct
 
 from conftest import RawClient
 from shared import proxyprotocol as pp
+from shared import refusal
 from shared.proxyprotocol import parse, v2_header
 from worker import replies as R
 
@@ -83,4 +84,19 @@ def test_unknown_source_gets_no_trust_of_the_balancer(start_server):
     assert balancer.command("USER alice").startswith(b"+OK")
     assert balancer.command("PASS wonderland").startswith(b"+OK")
     for raw in (first, balancer):
+        raw.command("QUIT")
+
+
+def test_unknown_sources_count_under_the_balancers_address(start_server):
+    """-max-per-address counts clients of unknown source under the balancer's address (the
+    only one known), while a client the header names counts under its own."""
+    server = start_server("-proxy-protocol", "-trusted-networks", "127.0.0.1",
+                          "-max-per-address", "1", "-cleartext-auth", "ALWAYS")
+    first = _proxied(server, V1_UNKNOWN)
+    assert first.line().startswith(b"+OK")
+    second = _proxied(server, V2_UNSPEC)
+    assert second.line() + b"\r\n" == refusal.TOO_MANY_FROM_ADDRESS
+    named = _proxied(server, v2_header(("192.0.2.7", 5555)))
+    assert named.line().startswith(b"+OK")
+    for raw in (first, named):
         raw.command("QUIT")
