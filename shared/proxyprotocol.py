@@ -38,7 +38,7 @@ class ProxyError(ValueError):
 @dataclass(frozen=True)
 class ProxyHeader:
     version: int                 # 1 or 2
-    local: bool                  # LOCAL, UNKNOWN or UNSPEC: serve it like a direct connection
+    local: bool                  # v2 LOCAL (health checks): the proxy itself, a direct connection
     source: tuple[str, int] | None = None       # the client's address and port
     destination: tuple[str, int] | None = None  # the address the client connected to
     tls: bool = False            # v2 PP2_TYPE_SSL with PP2_CLIENT_SSL: the client used TLS
@@ -46,11 +46,16 @@ class ProxyHeader:
     authority: str = ""          # v2 PP2_TYPE_AUTHORITY (the SNI name the client sent)
     alpn: str = ""
     raw: bytes = field(default=b"", repr=False)  # the header's bytes, as parsed
+    # v1 UNKNOWN, v2 PROXY for AF_UNSPEC or AF_UNIX: a real client the proxy cannot name. Not
+    # the proxy itself: counted under the TCP peer's address but given none of its trust.
+    unknown_source: bool = False
 
     def describe(self) -> str:
         """For the log: ``PROXY v2 client 192.0.2.7:5555, TLS TLSv1.3, authority x``."""
         if self.local:
             return f"PROXY v{self.version} LOCAL"
+        if self.unknown_source:
+            return f"PROXY v{self.version} client unknown"
         host, port = self.source or ("?", 0)
         parts = [f"PROXY v{self.version} client {_hostport(host, port)}"]
         if self.tls:
@@ -108,7 +113,7 @@ def _parse_v1(data: bytes) -> ProxyHeader:
         raise ProxyError("v1 header does not end in CRLF")
     words = data[:-2].split(b" ")
     if len(words) >= 2 and words[1] == b"UNKNOWN":
-        return ProxyHeader(1, local=True)  # the rest of the line is to be ignored
+        return ProxyHeader(1, local=False, unknown_source=True)  # the rest is to be ignored
     if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
         raise ProxyError("malformed v1 header")
     version = 4 if words[1] == b"TCP4" else 6
@@ -150,9 +155,10 @@ def _parse_v2(data: bytes) -> ProxyHeader:
     if len(body) < size:
         raise ProxyError("v2 header shorter than its addresses")
     tlvs = _tlvs(body[size:])
-    if command == CMD_LOCAL or family in (AF_UNSPEC, AF_UNIX):
-        # LOCAL (health checks) and addresses we cannot use: the connection's own endpoints.
+    if command == CMD_LOCAL:  # health checks: the proxy speaks for itself
         return ProxyHeader(2, local=True, **tlvs)
+    if family in (AF_UNSPEC, AF_UNIX):  # a client it cannot name (unix-socket frontends)
+        return ProxyHeader(2, local=False, unknown_source=True, **tlvs)
     if transport != TRANSPORT_STREAM:
         raise ProxyError("v2 PROXY for a transport that is not a stream")
     if family == AF_INET:

@@ -284,8 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
             "a balancer passing port 995 through", flag="proxy-tls-listen",
             validator=netaddr.parse_endpoints, metavar="ADDR:PORT"),
     Setting("xclient", "bool", False,
-            "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) from -trusted-networks peers "
-            "before login; their greeting starts +OK [XCLIENT]"),
+            "accept XCLIENT ADDR= PORT= (Dovecot's POP3 proxy) before login from "
+            "-trusted-networks peers that speak for themselves (no PROXY header, or v2 "
+            "LOCAL); their greeting starts +OK [XCLIENT]"),
     Setting("login_delay", "int", 0,
             "RFC 2449 LOGIN-DELAY: seconds a user must wait between logins (0 = off); "
             "per user: login_delay=N in the users file's extra field", minimum=0,

@@ -83,6 +83,8 @@ class Counter(IntEnum):
     DEAD_SLOTS = 23      # supervisor slot: slots held by a process that survived SIGKILL
     HUNG_KILLED = 24     # supervisor slot: workers the watchdog killed
     PROXY_REFUSED = 25   # supervisor slot: connections closed for a missing or bad PROXY header
+    TAKEOVERS = 26       # idle sessions ended so a new login could take their maildrop's lock
+    LOGIN_DELAYED = 27   # good logins refused with [LOGIN-DELAY] (RFC 2449)
 
 
 _MIN_COUNTERS = {Counter.RETR_MIN}

@@ -39,13 +39,16 @@ FIELDS: tuple[tuple[str, Counter | None], ...] = (
     ("Auth Failures", Counter.AUTH_FAILURES),
     ("Current Users", None),
 )
-# Lines added before Current Users only while non-zero (supervisor/workers.py states).
+# Lines added before Current Users only while non-zero (not in IUPOP3's report: worker
+# slots in trouble, supervisor/workers.py, and what later issues count).
 HEALTH_FIELDS: tuple[tuple[str, Counter], ...] = (
     ("Fatal Workers", Counter.FATAL_SLOTS),
     ("Dead Workers", Counter.DEAD_SLOTS),
     ("Hung Workers Killed", Counter.HUNG_KILLED),
     ("Lost Handoffs", Counter.TRUNCATED),
     ("Proxy Refusals", Counter.PROXY_REFUSED),
+    ("Takeovers", Counter.TAKEOVERS),
+    ("Login Delay Refusals", Counter.LOGIN_DELAYED),
 )
 NAME_WIDTH = max(len(name) for name, _ in FIELDS)  # the colons line up, as in the README
 USER_INDENT = " " * (NAME_WIDTH + 3)              # user lines start under the values
@@ -94,7 +97,7 @@ def render(figures: Figures) -> list[str]:
     out = []
     for name, counter in FIELDS:
         if name == "Current Users":
-            # Not in IUPOP3's report: shown only when some worker slot is in trouble.
+            # Not in IUPOP3's report: shown only while non-zero.
             out.extend(line(name, t[c]) for name, c in HEALTH_FIELDS if t.get(c, 0))
         out.append(line(name, computed[name] if counter is None else t.get(counter, 0)))
     for number, user in enumerate(sorted(figures.users)):

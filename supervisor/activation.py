@@ -4,7 +4,10 @@ sd_listen_fds(3): with ``LISTEN_PID`` equal to our pid, descriptors 3 .. 3+``LIS
 listening sockets someone else bound; ``LISTEN_FDNAMES`` may name them. systemd's socket units
 and the supervisor's own upgrade (supervisor/upgrade.py) both pass sockets this way. Each one is
 checked (a listening TCP socket, IPv4, IPv6 or dual-stack), made close-on-exec so no worker ever
-holds a listener, and given its role: POP3, implicit TLS or metrics, by name or else by port.
+holds a listener, and given its role: POP3, implicit TLS, metrics, or traffic behind a PROXY
+header (-proxy-listen, -proxy-tls-listen), by name or else by port. A proxy endpoint the
+settings name must be among them: served as plain POP3 it would take HAProxy's header for a
+command and count every client under the balancer's address (review 2 item 6).
 """
 
 from __future__ import annotations
@@ -135,20 +138,16 @@ def adopt(fd: int, name: str = "") -> socket.socket:
 
 
 def classify(given: list[tuple[str, socket.socket]], settings) -> Listening:
-    """Roles by name when LISTEN_FDNAMES gives ours; else the -tls-port is implicit TLS, the
-    -metrics port serves metrics, and every other socket POP3."""
-    metrics_port = netaddr.host_port(settings.metrics)[1] if settings.metrics else -1
+    """Roles by name when LISTEN_FDNAMES gives ours (a .socket unit's FileDescriptorName);
+    else by port: a -proxy-listen or -proxy-tls-listen port takes PROXY headers, the -tls-port
+    is implicit TLS, the -metrics port serves metrics, and every other socket POP3."""
     out = Listening(inherited=True)
     for name, sock in given:
-        port = sock.getsockname()[1]
-        if name in (POP3_PROXY, POP3S_PROXY):  # only an upgrade names these
-            (out.proxy_plain if name == POP3_PROXY else out.proxy_tls).append(sock)
-            continue
-        role = name if name in (POP3, POP3S, METRICS) else (
-            POP3S if settings.tls_cert and port == settings.tls_port else
-            METRICS if port == metrics_port else POP3)
+        role = _role(name, sock.getsockname()[1], settings)
         if role == METRICS and out.metrics is None:
             out.metrics = sock
+        elif role in (POP3_PROXY, POP3S_PROXY):
+            (out.proxy_plain if role == POP3_PROXY else out.proxy_tls).append(sock)
         elif role == POP3S and settings.tls_cert:
             out.tls.append(sock)
         elif role == POP3:
@@ -158,7 +157,44 @@ def classify(given: list[tuple[str, socket.socket]], settings) -> Listening:
             sock.close()
             raise ActivationError(0, f"inherited socket {listeners.describe(sock)} ({role}): "
                                      "no setting serves it (-tls-cert, -metrics)")
-    if not out.plain and not out.tls:
+    try:
+        _check_proxy_endpoints(out, settings)
+        if not out.plain and not out.tls:
+            raise ActivationError(0, "no POP3 socket among the inherited ones")
+    except ActivationError:
         out.close()
-        raise ActivationError(0, "no POP3 socket among the inherited ones")
+        raise
     return out
+
+
+def _role(name: str, port: int, settings) -> str:
+    if name in (POP3, POP3S, METRICS, POP3_PROXY, POP3S_PROXY):
+        return name
+    if port in _ports(settings.proxy_listen):
+        return POP3_PROXY
+    if port in _ports(settings.proxy_tls_listen):
+        return POP3S_PROXY
+    if settings.tls_cert and port == settings.tls_port:
+        return POP3S
+    if settings.metrics and port == netaddr.host_port(settings.metrics)[1]:
+        return METRICS
+    return POP3
+
+
+def _ports(endpoints: tuple[str, ...]) -> set[int]:
+    return {netaddr.parse_endpoint(endpoint)[1] for endpoint in endpoints}
+
+
+def _check_proxy_endpoints(out: Listening, settings) -> None:
+    """Each -proxy-listen / -proxy-tls-listen endpoint has an inherited socket on its port
+    (port 0, bound by a test's first generation, is satisfied by any of that role)."""
+    for flag, endpoints, socks, name in (
+            ("-proxy-listen", settings.proxy_listen, out.proxy_plain, POP3_PROXY),
+            ("-proxy-tls-listen", settings.proxy_tls_listen, out.proxy_tls, POP3S_PROXY)):
+        ports = {sock.getsockname()[1] for sock in socks}
+        for endpoint in endpoints:
+            port = netaddr.parse_endpoint(endpoint)[1]
+            if port not in ports and not (port == 0 and socks):
+                raise ActivationError(0, f"{flag} {endpoint}: no socket for it among the "
+                                         f"inherited ones (a ListenStream on port {port}, or "
+                                         f"FileDescriptorName={name})")

@@ -44,13 +44,17 @@ COUNTERS: tuple[tuple[str, str, Counter], ...] = (
      Counter.HUNG_KILLED),
     ("iupop3_handoffs_lost", "Connections lost because the kernel dropped their descriptor "
      "in the handoff (a truncated frame).", Counter.TRUNCATED),
+    ("iupop3_proxy_headers_refused", "Connections closed for a missing, malformed or "
+     "untrusted PROXY header (XTND STATS Proxy Refusals).", Counter.PROXY_REFUSED),
+    ("iupop3_takeovers", "Idle sessions ended so a new login of their maildrop could take "
+     "its lock (XTND STATS Takeovers).", Counter.TAKEOVERS),
 )
 # (name, help, label, {label value: counter}) of counters split by one label.
 LABELLED: tuple[tuple[str, str, str, Mapping[str, Counter]], ...] = (
     ("iupop3_sessions_refused", "Connections refused before a session started.", "reason",
      {"maxclients": Counter.REFUSED, "max_per_address": Counter.ADDRESS_REFUSED}),
     ("iupop3_logins_refused", "Logins refused without a password check.", "reason",
-     {"auth_block": Counter.ADDRESS_BLOCKED}),
+     {"auth_block": Counter.ADDRESS_BLOCKED, "login_delay": Counter.LOGIN_DELAYED}),
     ("iupop3_disconnects", "Sessions ended, by how (Normal/Abnormal Disconnects).", "how",
      {"normal": Counter.NORMAL, "abnormal": Counter.ABNORMAL}),
 )

@@ -4,11 +4,14 @@ Read here, not in the worker, so ``-max-per-address`` keeps being counted in one
 supervisor, at hand-off) but against the client's real address, and a connection it refuses
 never reaches a worker. The reads never block the loop: ``MSG_PEEK | MSG_DONTWAIT``, exactly
 the header's bytes taken (shared/proxyprotocol.py), at most ``MAX_PENDING`` connections waiting,
-each for ``HEADER_SECONDS``. The raw header rides along in the CONNECTION frame.
+each for ``HEADER_SECONDS``. The raw header rides along in the CONNECTION frame. Every read
+error refuses the connection, never the supervisor; refusals reach the log at most once a
+second per reason, with a count (``RefusalLog``).
 """
 
 from __future__ import annotations
 
+import re
 import selectors
 import socket
 import time
@@ -23,7 +26,50 @@ from supervisor import listeners
 
 HEADER_SECONDS = 3.0   # the header must be complete this long after the accept
 MAX_PENDING = 1024     # connections waiting for their header at once (trusted peers only)
+REFUSAL_LOG_SECONDS = 1.0  # at most one line per reason this often; the rest are counted
 _FLAGS = socket.MSG_DONTWAIT
+_NUMBERS = re.compile(r"\d+")
+
+
+class RefusalLog:
+    """Refusals in the log without a line per connection: anyone who reaches a port that
+    expects a header can cause one refusal per SYN (review 2 item 9). The first of a reason
+    is logged at once; more within ``interval`` are counted and summed up in one line when it
+    ends (``flush``, called by the supervisor's loop). A reason is the text with its numbers
+    taken out, so a peer cannot invent new reasons by varying a length."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_SECONDS, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.quiet_until: dict[str, float] = {}         # reason -> end of its quiet second
+        self.held: dict[str, tuple[int, str, str]] = {}  # reason -> (count, last peer, last why)
+
+    def refused(self, peer: str, why: str) -> None:
+        reason = _NUMBERS.sub("N", why)
+        now = self.clock()
+        if reason not in self.held and now >= self.quiet_until.get(reason, 0.0):
+            self.quiet_until[reason] = now + self.interval
+            log.info("PROXY header refused from %s: %s; connection closed", peer, why)
+            return
+        count = self.held.get(reason, (0, "", ""))[0]
+        self.held[reason] = (count + 1, peer, why)
+
+    def flush(self) -> None:
+        """Sum up the reasons whose quiet second is over; forget the ones gone quiet."""
+        now = self.clock()
+        for reason, (count, peer, why) in list(self.held.items()):
+            if now >= self.quiet_until[reason]:
+                del self.held[reason]
+                self.quiet_until[reason] = now + self.interval
+                log.info("PROXY header refused %d more times within %gs (the last from %s): "
+                         "%s; connections closed", count, self.interval, peer, why)
+        for reason in [r for r, end in self.quiet_until.items()
+                       if end <= now and r not in self.held]:
+            del self.quiet_until[reason]
+
+    def next_due(self) -> float | None:
+        """When ``flush`` has a line to write (monotonic), None if nothing is held."""
+        return min((self.quiet_until[r] for r in self.held), default=None)
 
 
 @dataclass(eq=False)
@@ -49,6 +95,7 @@ class ProxyIntake:
         self.trusted = Networks(settings.trusted_networks)
         self.listeners: set[int] = set()  # descriptors of listeners that expect a header
         self.pending: dict[int, Pending] = {}
+        self.refusals = RefusalLog()
 
     def expect(self, listening) -> None:
         """Note which listeners expect a header: the -proxy-listen and -proxy-tls-listen ones
@@ -101,7 +148,8 @@ class ProxyIntake:
         except ProxyError as exc:
             return self.refuse(pending, str(exc))
         upto = len(seen) if length is None else length
-        conn.recv(upto - len(pending.received), _FLAGS)  # peeked above: they are there
+        if not self.consume(pending, upto - len(pending.received)):
+            return True
         pending.received = seen[:upto]
         if header is None:
             return False
@@ -111,25 +159,41 @@ class ProxyIntake:
             conn.close()
         return True
 
+    def consume(self, pending: Pending, count: int) -> bool:
+        """Take ``count`` peeked bytes off the socket; False when the connection was refused
+        instead (the kernel returns what a peek showed, but an error here must cost one
+        connection, never the supervisor)."""
+        try:
+            taken = pending.conn.recv(count, _FLAGS) if count else b""
+        except OSError as exc:
+            return not self.refuse(pending, exc.strerror or str(exc))
+        if len(taken) != count:
+            return not self.refuse(pending, "header bytes gone between peek and read")
+        return True
+
     def refuse(self, pending: Pending, why: str) -> bool:
         self.count_refusal()
-        log.info("PROXY header refused from %s: %s; connection closed", pending.peer, why)
+        self.refusals.refused(pending.peer, why)
         pending.conn.close()
         return True
 
     def expire(self) -> None:
-        """Close the connections whose header did not come in time."""
+        """Close the connections whose header did not come in time; sum up held refusals."""
         now = time.monotonic()
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
             self._forget(pending)
             self.refuse(pending, f"no complete header within {HEADER_SECONDS:.0f}s")
+        self.refusals.flush()
 
     def time_left(self, longest: float) -> float:
         """How long the loop may sleep before a deadline here passes."""
-        if not self.pending:
+        deadlines = [p.deadline for p in self.pending.values()]
+        due = self.refusals.next_due()
+        if due is not None:
+            deadlines.append(due)
+        if not deadlines:
             return longest
-        soonest = min(p.deadline for p in self.pending.values())
-        return max(0.0, min(longest, soonest - time.monotonic()))
+        return max(0.0, min(longest, min(deadlines) - time.monotonic()))
 
     def _forget(self, pending: Pending) -> None:
         if self.pending.pop(pending.fd, None) is not None:

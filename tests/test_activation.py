@@ -17,6 +17,7 @@ import threading
 
 import pytest
 
+from shared.proxyprotocol import v2_header
 from tests.conftest import ROOT, USERS, Server, sample, write_message
 from tests.processes import wait_until
 
@@ -251,6 +252,62 @@ def test_roles_by_name_then_by_port():
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_proxy_roles_by_port_or_name_and_a_missing_one_is_an_error():
+    """A -proxy-listen / -proxy-tls-listen port, or FileDescriptorName pop3-proxy / pop3s-proxy,
+    makes a socket expect PROXY headers; a proxy endpoint with no inherited socket is one
+    line naming the setting and the FileDescriptorName (review 2 item 6)."""
+    from supervisor import activation
+    socks = [_listener() for _ in range(4)]
+    ports = [s.getsockname()[1] for s in socks]
+    settings = _settings("-tls-cert", "/dev/null", "-trusted-networks", "127.0.0.1",
+                         "-proxy-listen", f"127.0.0.1:{ports[1]}",
+                         "-proxy-tls-listen", f"127.0.0.1:{ports[2]}")
+    try:
+        by_port = activation.classify([("iupop3.socket", s) for s in socks[:3]], settings)
+        assert by_port.plain == [socks[0]] and by_port.proxy_plain == [socks[1]]
+        assert by_port.proxy_tls == [socks[2]] and not by_port.tls
+        by_name = activation.classify([("pop3", socks[0]), ("pop3-proxy", socks[3]),
+                                       ("pop3s-proxy", socks[2])], _settings())
+        assert by_name.proxy_plain == [socks[3]] and by_name.proxy_tls == [socks[2]]
+        with pytest.raises(activation.ActivationError) as missing:
+            activation.classify([("iupop3.socket", s) for s in (socks[0], socks[2])], settings)
+        text = str(missing.value)
+        assert f"-proxy-listen 127.0.0.1:{ports[1]}" in text and "pop3-proxy" in text
+        assert "\n" not in text
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_activated_proxy_port_takes_headers(activated):
+    """Under socket activation the -proxy-listen port reads a PROXY header before the
+    greeting and the session has the client's address; the POP3 port stays direct."""
+    pop3, proxy = _listener(), _listener()
+    proxy_port = proxy.getsockname()[1]
+    server = activated([pop3, proxy], "-trusted-networks", "127.0.0.1",
+                       "-proxy-listen", f"127.0.0.1:{proxy_port}")
+    server.wait_for(rf"PROXY protocol header expected on 127\.0\.0\.1:{proxy_port}")
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        sock.sendall(v2_header(("192.0.2.7", 5555)))
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"+OK")
+        server.wait_for(r"connect from 192\.0\.2\.7:5555")
+        sock.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"+OK")
+    assert _login("127.0.0.1", pop3.getsockname()[1]).startswith(b"+OK 2 ")
+
+
+def test_a_proxy_endpoint_missing_from_the_given_sockets_is_exit_2(activated):
+    """-proxy-listen names a port systemd did not pass: one line on stderr and exit 2, not
+    a node that silently listens on no proxy port."""
+    pop3 = _listener()
+    server = activated([pop3], "-trusted-networks", "127.0.0.1",
+                       "-proxy-listen", "127.0.0.1:10110", wait=False)
+    assert server.wait_exit(30) == 2
+    errors = [line for line in server.output.splitlines() if line.startswith("iupop3:")]
+    assert len(errors) == 1 and "-proxy-listen 127.0.0.1:10110" in errors[0], server.output
 
 
 def test_environment_meant_for_another_process_is_ignored_and_removed():

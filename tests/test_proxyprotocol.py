@@ -30,14 +30,14 @@ SSL_TLV = tlv(pp.PP2_TYPE_SSL, b"\x01" + bytes(4) + tlv(pp.PP2_SUBTYPE_SSL_VERSI
 
 # -- the parser ---------------------------------------------------------------------------------
 def test_v1_tcp4_tcp6_and_unknown():
-    """v1 lines give the client's address and port; UNKNOWN means a direct connection."""
+    """v1 lines give the client's address and port; UNKNOWN is a client of unknown source."""
     header = parse(b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 110\r\n")
     assert (header.version, header.local) == (1, False)
     assert header.source == ("192.0.2.7", 56324) and header.destination == ("198.51.100.1", 110)
     header = parse(b"PROXY TCP6 2001:db8::7 2001:db8::1 65535 995\r\n")
     assert header.source == ("2001:db8::7", 65535)
-    assert parse(b"PROXY UNKNOWN\r\n").local
-    assert parse(b"PROXY UNKNOWN ffff:f...f:ffff 0 0\r\n").local
+    assert parse(b"PROXY UNKNOWN\r\n").unknown_source
+    assert parse(b"PROXY UNKNOWN ffff:f...f:ffff 0 0\r\n").unknown_source
 
 
 def test_v2_proxy_local_and_tlvs():

@@ -71,12 +71,14 @@ class AuthGuard:
         """A key that found no entry (a full bucket) is penalised like the worst."""
         return self.settings.auth_delay_max * 1000 if self.settings.auth_delay else 0
 
-    def admit(self, address: str, user: str | None) -> Admission:
-        """Decide what a login attempt for ``user`` from ``address`` does, and record it."""
+    def admit(self, address: str, user: str | None, *, exempt: bool = True) -> Admission:
+        """Decide what a login attempt for ``user`` from ``address`` does, and record it.
+        ``exempt=False``: no -trusted-networks exemption (a client behind a PROXY header
+        that could not name it, counted under the balancer's address)."""
         if not self._lock():  # the lock is stuck (a holder stopped): fail closed
             return Admission(Outcome.DEFERRED, self._worst_ms() / 1000)
         try:  # no yield in here: greenlets of this worker do not interleave
-            admission = self._admit_locked(address, user)
+            admission = self._admit_locked(address, user, exempt)
         finally:
             self.area.unlock_tables()
         if admission.outcome is Outcome.BLOCKED:
@@ -95,9 +97,10 @@ class AuthGuard:
         now = int(self.clock() * 1000)  # milliseconds: whole seconds would round windows off
         return now, now - self.settings.auth_window * 1000
 
-    def _address_penalty(self, address: str, now: int, since: int) -> tuple[int | None, int, int]:
+    def _address_penalty(self, address: str, now: int, since: int,
+                         exempt: bool = True) -> tuple[int | None, int, int]:
         """(address entry or None if exempt, its failures, its penalty in ms)."""
-        if not address or self.trusted.contains(address):
+        if not address or (exempt and self.trusted.contains(address)):
             return None, 0, 0
         table = self.addresses
         at = table.entry(self.keys.address(address), now, since)
@@ -105,9 +108,10 @@ class AuthGuard:
         penalty = self._worst_ms() if table.is_overflow(at) else self.penalty_ms(failures)
         return at, failures, penalty
 
-    def _admit_locked(self, address: str, user: str | None) -> Admission:
+    def _admit_locked(self, address: str, user: str | None, exempt: bool = True) -> Admission:
         now, since = self._now_since()
-        address_at, address_failures, address_penalty = self._address_penalty(address, now, since)
+        address_at, address_failures, address_penalty = self._address_penalty(
+            address, now, since, exempt)
         block = self.settings.auth_block
         if address_at is not None and block and address_failures >= block:
             return Admission(Outcome.BLOCKED)

@@ -70,13 +70,19 @@ class Connection:
         self.session_id = session_id
         self.implicit_tls = implicit_tls
         self.peer = peer_name(sock)
-        self.address = peer_address(sock)
+        # The TCP peer (a balancer, when a PROXY header came): the only address that decides
+        # trust (XCLIENT). self.address is the client's, for logs, limits and penalties.
+        self.tcp_peer_address = peer_address(sock)
+        self.address = self.tcp_peer_address
         self.proxied = proxied  # the PROXY header the supervisor read (supervisor/proxyintake.py)
+        # A client the proxy could not name (v1 UNKNOWN, v2 AF_UNSPEC/AF_UNIX): counted under
+        # the balancer's address, but given none of its trust and never taken as local.
+        self.unknown_source = proxied is not None and proxied.unknown_source
         if proxied is not None and proxied.source is not None and not proxied.local:
             self.address, port = proxied.source  # the client's: logs, limits, cleartext policy
             self.peer = (f"[{self.address}]:{port}" if ":" in self.address
                          else f"{self.address}:{port}")
-        self.local = is_loopback(self.address)
+        self.local = is_loopback(self.address) and not self.unknown_source
         self.limits = ConnectionLimits.from_settings(ctx.settings)
         # A balancer that terminated TLS says so (PP2_TYPE_SSL): the password did not travel bare.
         self.session = self._new_session(secure=proxied is not None and proxied.tls)
@@ -90,10 +96,20 @@ class Connection:
         session = Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
                           tls_available=self.ctx.tls.context is not None, local=self.local,
                           address=self.address, limits=self.limits)
-        settings = self.ctx.settings
-        session.xclient_trusted = settings.xclient and self.ctx.guard.trusted.contains(
-            self.address)
+        session.unknown_source = self.unknown_source
+        session.xclient_trusted = self._xclient_trusted()
         return session
+
+    def _xclient_trusted(self) -> bool:
+        """Issue 14 item 2: only a trusted TCP peer speaking for itself (no PROXY header, or
+        v2 LOCAL) may send XCLIENT. Behind a PROXY header the speaker is the named client,
+        whatever its address: trusting it would let a client in -trusted-networks rewrite
+        its own address and transport (review 2 item 1)."""
+        if not self.ctx.settings.xclient:
+            return False
+        if self.proxied is not None and not self.proxied.local:
+            return False
+        return self.ctx.guard.trusted.contains(self.tcp_peer_address)
 
     def _start_tls(self) -> None:
         """Wrap the socket in TLS (the handshake runs under the session's timeout)."""
@@ -105,7 +121,7 @@ class Connection:
         self.session = self._new_session(secure=True)
         self.session.failures = old.failures  # STLS must not reset the login-attempt budget
         self.session.apop_timestamp = old.apop_timestamp  # the one the greeting announced
-        for name in ("peer", "address", "local"):  # as an XCLIENT before STLS set them
+        for name in ("peer", "address", "local", "unknown_source"):  # as XCLIENT set them
             setattr(self.session, name, getattr(old, name))
         self.session.log.log(THREAD, "TLS started: %s %s", self.sock.version(),
                              self.sock.cipher()[0])
@@ -160,6 +176,7 @@ class Connection:
         except TakenOver as exc:
             self.session.release()  # first: the new login is waiting for this lock
             self.released.set()
+            ctx.stats.count(Counter.TAKEOVERS)  # here, once: the session that was ended
             self.session.log.log(THREAD, "session taken over by a new login (%s); nothing"
                                  " applied", exc)
             self._try_send(R.TAKEN_OVER)

@@ -14,6 +14,7 @@ from enum import Enum
 from shared.accountsource import Verdict
 from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
+from shared.stats import Counter
 from shared.users import Account, user_name
 from worker import replies as R
 from worker import retention, rewrite, sasl, store, takeover, xclient
@@ -67,6 +68,7 @@ class Session(SaslExchange):
         self.address = address                # the client's IP address, for the auth guard
         self.start_tls = False                # set by STLS: the connection starts TLS next
         self.xclient_trusted = False          # the peer may send XCLIENT (worker/xclient.py)
+        self.unknown_source = False           # behind a PROXY header that named no client
         # While an AUTH exchange waits for the client's response, its next line goes here.
         self.continuation: Callable[[bytes], None] | None = None
         # An AUTH naming only a mechanism was just refused: a client that sent its response
@@ -285,7 +287,7 @@ class Session(SaslExchange):
 
     def _sasl_failed(self, user: str | None) -> None:
         """A response that names no password to check: it pays the address's penalty only."""
-        admission = self.ctx.guard.admit(self.address, None)
+        admission = self.ctx.guard.admit(self.address, None, exempt=not self.unknown_source)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
@@ -298,7 +300,7 @@ class Session(SaslExchange):
         """Wait the guard's penalty, authenticate with ``check``, then open and lock the
         maildrop (TRANSACTION). Right or wrong, the answer comes only after the wait, and
         every refusal (unknown, wrong, locked, expired ...) gets the same reply."""
-        admission = self.ctx.guard.admit(self.address, user)
+        admission = self.ctx.guard.admit(self.address, user, exempt=not self.unknown_source)
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
@@ -329,6 +331,7 @@ class Session(SaslExchange):
         except LoginTooSoon as exc:
             self.log.log(THREAD, "login of %s refused: LOGIN-DELAY %ds, %ds left", user,
                          policy.login_delay, exc.seconds)
+            self.ctx.stats.count(Counter.LOGIN_DELAYED)
             self.reply(R.LOGIN_DELAYED.format(seconds=exc.seconds))
             return
         except MaildropBusy:
