@@ -16,8 +16,8 @@ import gevent
 import gevent.event
 from gevent import GreenletExit, Timeout
 
-from shared.addresses import is_loopback
 from shared.logsetup import THREAD
+from shared.netaddr import is_loopback
 from shared.proxyprotocol import ProxyHeader
 from shared.stats import Counter
 from worker import replies as R

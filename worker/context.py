@@ -37,7 +37,7 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
 class ServerContext:
     def __init__(self, settings: Any, *, accounts: Accounts, tls: TlsService,
                  stats: SessionStats, supervisor: SupervisorLink, xtnd: XtndAuthorization,
-                 guard: AuthGuard, keys: Keyer, takeover: TakeoverDesk,
+                 guard: AuthGuard, takeover: TakeoverDesk,
                  offload: Callable[..., Any] = _direct,
                  sleep: Callable[[float], Any] = time.sleep):
         self.settings = settings
@@ -47,7 +47,6 @@ class ServerContext:
         self.supervisor = supervisor
         self.xtnd = xtnd
         self.guard = guard
-        self.keys = keys  # table keys of this run: CLOSED frames name an address with them
         self.takeover = takeover  # this worker's sessions, for logins that find a lock held
         self.slot = stats.slot
         self.version = VERSION
@@ -80,7 +79,6 @@ def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Ac
     hostname = settings.hostname or socket.gethostname()
     xtnd = XtndAuthorization(settings.xtnd)
     xtnd.reload("startup")  # a bad file: an ERROR, and nobody is authorized until it is fixed
-    keys = Keyer(area.key_secret(), settings.ipv6_prefix)
     return ServerContext(
         settings,
         accounts=Accounts(settings.users, users, offload, hostname, sleep),
@@ -88,8 +86,8 @@ def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Ac
         stats=SessionStats(area, slot),
         supervisor=supervisor,
         xtnd=xtnd,
-        guard=AuthGuard(settings, area, slot, keys, sleep),
-        keys=keys,
+        guard=AuthGuard(settings, area, slot, Keyer(area.key_secret(), settings.ipv6_prefix),
+                        sleep),
         takeover=TakeoverDesk(settings.takeover_idle),
         offload=offload,
         sleep=sleep,

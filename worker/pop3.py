@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from enum import Enum
 
-from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
+from shared.netaddr import normalized
 from shared.users import Account, user_name
 from worker import replies as R
 from worker import rewrite, sasl, store, takeover, xclient
