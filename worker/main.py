@@ -15,6 +15,7 @@ import time
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
@@ -52,6 +53,7 @@ class Worker:
         self.serial = 0
         self.handler = handler  # the log file's handler (None when logging to stdout)
         self.reloader = reloader
+        self.reload_lock = gevent.lock.Semaphore()
         link.on_broken = self.channel_ended
 
     def run(self) -> int:
@@ -168,7 +170,14 @@ class Worker:
                 log.error("cannot reopen the log file: %s", exc)
         elif frame.kind is Kind.RELOAD:
             log.info("reload requested")
-            self.reloader.reload_all("reload request")
+            # Its own greenlet, as the file watcher's: a reload waits for dummy hashes in the
+            # pool, and meanwhile the receiver must keep taking connections (review item 8).
+            gevent.spawn(self.reload, "reload request")
+
+    def reload(self, why: str) -> None:
+        """One reload at a time, in the order requested: the last file read is the one kept."""
+        with self.reload_lock:
+            self.reloader.reload_all(why)
 
     def refuse(self, fd: int, address_key: int) -> None:
         sock = stdsocket.socket(fileno=fd)
