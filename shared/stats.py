@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 from enum import IntEnum
 
 from shared.keytable import ENTRY_WORDS, SECRET_BYTES, KeyTable
@@ -84,6 +85,9 @@ class Counter(IntEnum):
     HUNG_KILLED = 24     # supervisor slot: workers the watchdog killed
     PROXY_REFUSED = 25   # supervisor slot: connections closed for a missing or bad PROXY header
 
+
+_USED_ENTRY = re.compile(rb"[^\0]")  # a Current Users entry whose first byte is set
+_EMPTY_SLOT = bytes(USERS_PER_SLOT * NAME_BYTES)  # the Current Users of a slot nobody uses
 
 _MIN_COUNTERS = {Counter.RETR_MIN}
 _MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID,
@@ -181,15 +185,24 @@ class StatsArea:
         self._map[off: off + USERS_PER_SLOT * NAME_BYTES] = bytes(USERS_PER_SLOT * NAME_BYTES)
 
     def users(self) -> list[str]:
-        """Names of the users with a session now, over all workers."""
+        """Names of the users with a session now, over all workers.
+
+        XTND STATS calls this on a worker's event loop, over every slot (spares included):
+        17 x 16384 entries with 8 workers. Every step of the scan runs in C (a copy of the
+        slot, a comparison with an empty one, an extended slice of the entries' first bytes,
+        a regex for the used ones), so the Python work is per user logged in, not per entry
+        (review item 7: a per-entry loop took 270 ms a call with 8 workers).
+        """
         names: list[str] = []
         for slot in range(self.nslots):
             off = self._name_offset(slot, 0)
-            block = self._map[off: off + USERS_PER_SLOT * NAME_BYTES]
-            for i in range(0, len(block), NAME_BYTES):
-                raw = block[i: i + NAME_BYTES]
-                if raw[0]:
-                    names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
+            block = self._map[off: off + len(_EMPTY_SLOT)]
+            if block == _EMPTY_SLOT:
+                continue
+            for used in _USED_ENTRY.finditer(block[::NAME_BYTES]):
+                start = used.start() * NAME_BYTES
+                raw = block[start: start + NAME_BYTES]
+                names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
         return names
 
     def key_secret(self) -> bytes:
