@@ -343,7 +343,7 @@ class Session:
             self._login_blocked()
             return
         self._wait_penalty(user, admission.wait)
-        if admission.outcome is Outcome.DEFERRED:
+        if admission.outcome is Outcome.DEFERRED or not self.ctx.guard.confirm(admission):
             self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
         account = check()
