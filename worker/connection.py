@@ -164,7 +164,10 @@ class Connection:
                                  " applied", exc)
             self._try_send(R.TAKEN_OVER)
         except GreenletExit:
-            session.log.log(THREAD, "session closed by shutdown; nothing applied")
+            if self.session.state is State.UPDATE:  # the pool finished its commit first
+                self.session.log.log(THREAD, "session closed by shutdown after its update ran")
+            else:
+                self.session.log.log(THREAD, "session closed by shutdown; nothing applied")
             self._try_send(R.SHUTTING_DOWN)
         except ssl.SSLError as exc:
             self.session.log.log(THREAD, "TLS failed: %s", exc.reason or exc)

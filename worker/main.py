@@ -29,11 +29,15 @@ from shared.users import UsersFileError, load_users
 from worker import xtnd
 from worker.connection import Connection
 from worker.context import ServerContext, build_context
+from worker.pop3 import State
 from worker.reloading import Reloader
 from worker.supervisorlink import SupervisorLink
 
 CHANNEL_FD = 3
 STATS_FD = 4
+# How long past -grace a session in UPDATE may take to finish its commit; the supervisor
+# SIGKILLs a worker KILL_MARGIN_SECONDS (10 s) after -grace, so this stays below it.
+COMMIT_WAIT_SECONDS = 8
 
 
 class Worker:
@@ -45,6 +49,7 @@ class Worker:
         self.ctx = ctx
         self.link = link
         self.sessions = gevent.pool.Group()
+        self.connections: dict[gevent.Greenlet, Connection] = {}  # session greenlet -> its own
         self.channel = link.channel
         self.draining = False
         self.supervisor_gone = False
@@ -194,10 +199,13 @@ class Worker:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
         # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
         # never misses a session that waits for its greenlet, so -maxclients stays exact.
+        me = gevent.getcurrent()
         try:
             sock = gevent.socket.socket(fileno=fd)
-            Connection(sock, self.ctx, session_id, implicit_tls, proxied).serve()
+            self.connections[me] = Connection(sock, self.ctx, session_id, implicit_tls, proxied)
+            self.connections[me].serve()
         finally:
+            self.connections.pop(me, None)
             # The supervisor's own key for the address, even if the client reset before its
             # address could be read here (issue 10), so its per-address count comes down.
             self.address_closed(address_key)
@@ -227,13 +235,28 @@ class Worker:
                 self.drain_deadline = deadline
 
     def finish_sessions(self) -> None:
-        """Wait for sessions; past the deadline, close the rest without applying them."""
+        """Wait for sessions; past the deadline, close the rest without applying them, except
+        those in UPDATE: their commit runs in the pool, where no kill can stop it, so they get
+        up to COMMIT_WAIT_SECONDS more to finish it and say +OK (review item 5)."""
         while len(self.sessions):
             self.sessions.join(timeout=0.2)
-            if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
-                log.info("grace period over: closing %d sessions unapplied", len(self.sessions))
-                self.sessions.kill(timeout=5)
-                break
+            if self.drain_deadline is None or time.monotonic() < self.drain_deadline:
+                continue
+            updating = [g for g in self.sessions if self._updating(g)]
+            idle = [g for g in self.sessions if g not in updating]
+            if idle:
+                log.info("grace period over: closing %d sessions unapplied", len(idle))
+                gevent.killall(idle, block=False)
+            if updating:
+                log.info("grace period over: waiting up to %ds for %d updates to finish",
+                         COMMIT_WAIT_SECONDS, len(updating))
+                gevent.joinall(updating, timeout=COMMIT_WAIT_SECONDS)
+            self.sessions.join(timeout=1)  # a session still in the pool ends with the process
+            break
+
+    def _updating(self, greenlet: gevent.Greenlet) -> bool:
+        connection = self.connections.get(greenlet)
+        return connection is not None and connection.session.state is State.UPDATE
 
     def tick(self) -> None:
         """The heartbeats the supervisor's watchdog reads, the title, the log flush, and a
@@ -275,7 +298,15 @@ def in_threadpool(hub, function, *args):
         except Exception as exc:  # the caller handles it (or logs it with the session id)
             return None, exc
 
-    result, error = hub.threadpool.apply(call)
+    task = hub.threadpool.spawn(call)
+    try:
+        result, error = task.get()
+    except gevent.GreenletExit:
+        # A kill (the grace deadline) cannot stop the thread: unwind only once it is done, so
+        # the session's finally never drops a lock or closes a descriptor it still uses
+        # (review item 5); a kill that comes again cuts this short (the worker is exiting).
+        task.wait(COMMIT_WAIT_SECONDS)
+        raise
     if error is not None:
         raise error
     return result
