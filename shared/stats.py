@@ -1,9 +1,9 @@
 """Server statistics in shared memory: one slot of counters per process, one writer per slot.
 
 The supervisor creates the area (a memfd, so exec'd workers can map it from an inherited
-descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from a thread of its
-pool, the one writer of that word), the supervisor only slot 0 and the slot of a worker it has
-reaped. Anyone may read and sum. Layout, 8-byte words::
+descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from the threads
+of its pool whenever a task ends: aligned stores, so their race is harmless), the supervisor
+only slot 0 and the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte words::
 
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
     word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers, N+1..2N spare
@@ -77,7 +77,7 @@ class Counter(IntEnum):
     CPU_EXITED_US = 16   # CPU microseconds of reaped workers (supervisor slot)
     ADDRESS_REFUSED = 17  # connections refused for -max-per-address (supervisor slot)
     ADDRESS_BLOCKED = 18  # logins refused for -auth-block
-    POOL_BEAT = 19       # monotonic milliseconds when the worker's thread pool last ran a probe
+    POOL_BEAT = 19       # monotonic milliseconds when a task of the worker's pool last ended
     CAPACITY = 20        # sessions the worker's descriptor limit can hold (0 = not known yet)
     TRUNCATED = 21       # connections lost because the kernel dropped their descriptor (CTRUNC)
     FATAL_SLOTS = 22     # supervisor slot: worker slots in the FATAL state now

@@ -67,7 +67,13 @@ class ServerContext:
         return self._offload(function, *args)
 
     def maildrop_for(self, account: Account) -> store.Maildrop:
-        return store.open_maildrop(self.settings, account, self.rewriter)
+        maildrop = store.open_maildrop(self.settings, account, self.rewriter)
+        if hasattr(maildrop, "lock_wait"):
+            # An mbox dot-lock wait sleeps in a pool thread: keep it well below
+            # -worker-timeout, or ten logins to spools a stuck MDA holds would look like a
+            # hung pool and get the worker killed with all its sessions (review item 6).
+            maildrop.lock_wait = min(maildrop.lock_wait, self.settings.worker_timeout / 2)
+        return maildrop
 
 
 def build_context(settings: Any, area: StatsArea, slot: int, users: dict[str, Account], *,

@@ -12,6 +12,7 @@ import signal
 import socket as stdsocket
 import sys
 import time
+from collections.abc import Callable
 
 import gevent
 import gevent.event
@@ -279,24 +280,37 @@ class Worker:
             gevent.sleep(TICK_SECONDS)
 
     def probe_pool(self) -> None:
-        """Queue a no-op in the thread pool unless the last one is still waiting: its run
-        stamps POOL_BEAT, so a pool whose threads are all stuck while work waits goes stale."""
+        """Queue a no-op in the thread pool unless the last one is still waiting. POOL_BEAT is
+        stamped whenever any pool task ends (``pool_beat`` from ``in_threadpool``) and by this probe, which runs at
+        once in an idle pool: it goes stale only when no task has finished for
+        -worker-timeout while work waited. A long queue of legitimate work (a login flood of
+        costly hashes) keeps finishing tasks, so it is never taken for a hang (review item 6).
+        A single task may take long (an mbox dot-lock wait, up to min(20 s, half of
+        -worker-timeout): worker/context.py); only all threads stuck at once go stale."""
         if self.pool_probe is not None and not self.pool_probe.ready():
             return
-        stats, slot = self.stats, self.slot
-        self.pool_probe = gevent.get_hub().threadpool.spawn(
-            lambda: stats.set(slot, Counter.POOL_BEAT, int(time.monotonic() * 1000)))
+        self.pool_probe = gevent.get_hub().threadpool.spawn(pool_beat, self.stats, self.slot)
 
 
-def in_threadpool(hub, function, *args):
+def pool_beat(stats: StatsArea, slot: int) -> None:
+    """A pool task ended (or the probe ran): the pool moves. Runs in a pool thread; an aligned
+    8-byte store, so threads racing here are safe (the latest wins within microseconds)."""
+    stats.set(slot, Counter.POOL_BEAT, int(time.monotonic() * 1000))
+
+
+def in_threadpool(hub, function, *args, beat: Callable[[], None] | None = None):
     """``function(*args)`` in gevent's threadpool; its exception is raised here, in the calling
     greenlet, and only here: gevent would also print it to stderr with a traceback, as if it
-    were a crash (an ENOSPC from an mbox scan did: tests/test_faults.py)."""
+    were a crash (an ENOSPC from an mbox scan did: tests/test_faults.py). ``beat`` runs in the
+    pool thread when the task ends: the pool is moving (Worker.probe_pool)."""
     def call():
         try:
             return function(*args), None
         except Exception as exc:  # the caller handles it (or logs it with the session id)
             return None, exc
+        finally:
+            if beat is not None:
+                beat()
 
     task = hub.threadpool.spawn(call)
     try:
@@ -338,7 +352,8 @@ def main(argv: list[str]) -> int:
     link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                                fileno=CHANNEL_FD))
     ctx = build_context(settings, stats, slot, users,
-                        offload=lambda f, *a: in_threadpool(hub, f, *a),
+                        offload=lambda f, *a: in_threadpool(hub, f, *a,
+                                                             beat=lambda: pool_beat(stats, slot)),
                         sleep=gevent.sleep, supervisor=link)
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
     return Worker(slot, settings, stats, ctx, link, reloader, handler).run()
