@@ -289,7 +289,10 @@ class Worker:
         -worker-timeout): worker/context.py); only all threads stuck at once go stale."""
         if self.pool_probe is not None and not self.pool_probe.ready():
             return
-        self.pool_probe = gevent.get_hub().threadpool.spawn(pool_beat, self.stats, self.slot)
+        # In its own greenlet: gevent's threadpool.spawn waits for a free thread, and the
+        # ticker waiting there stopped the loop's own heartbeat while the pool was busy.
+        self.pool_probe = gevent.spawn(in_threadpool, gevent.get_hub(), pool_beat,
+                                       self.stats, self.slot)
 
 
 def pool_beat(stats: StatsArea, slot: int) -> None:
