@@ -281,12 +281,13 @@ class Worker:
 
     def probe_pool(self) -> None:
         """Queue a no-op in the thread pool unless the last one is still waiting. POOL_BEAT is
-        stamped whenever any pool task ends (``pool_beat`` from ``in_threadpool``) and by this probe, which runs at
-        once in an idle pool: it goes stale only when no task has finished for
-        -worker-timeout while work waited. A long queue of legitimate work (a login flood of
-        costly hashes) keeps finishing tasks, so it is never taken for a hang (review item 6).
-        A single task may take long (an mbox dot-lock wait, up to min(20 s, half of
-        -worker-timeout): worker/context.py); only all threads stuck at once go stale."""
+        stamped whenever any pool task ends (``pool_beat`` from ``in_threadpool``) and by this
+        probe, which runs at once in an idle pool: it goes stale only when no task has
+        finished for -worker-timeout while work waited. A long queue of legitimate work (a
+        login flood of costly hashes) keeps finishing tasks, so it is never taken for a hang
+        (review item 6). A single task may take long (an mbox dot-lock wait, up to
+        min(20 s, half of -worker-timeout): worker/context.py); only all threads stuck at
+        once go stale."""
         if self.pool_probe is not None and not self.pool_probe.ready():
             return
         # In its own greenlet: gevent's threadpool.spawn waits for a free thread, and the
