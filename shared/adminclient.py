@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shared import statsreport
-from shared.addresses import is_loopback
 from shared.logsetup import escaped
+from shared.netaddr import is_loopback
 
 DEFAULT_PORT = 110
 MAX_COMMAND = 240  # "XTND " + command + CRLF stays under RFC 2449's 255 octets

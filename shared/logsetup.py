@@ -129,14 +129,20 @@ class LogFileHandler(logging.Handler):
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.last_flush = time.monotonic()
+        self.dropped_lines = 0  # lines a failed write lost (disk full), reported once
+        self.write_error: str | None = None  # the failure being reported, until a write works
         self.reopen()
 
     def reopen(self) -> None:
         """Write what is pending to the old file, then continue in a file opened anew."""
         fd = open_log_file(self.path, self.owners)
-        with self.lock:
-            self.flush()
-            old, self.fd = self.fd, fd
+        try:
+            with self.lock:
+                self.flush()
+                old, self.fd = self.fd, fd
+        except BaseException:
+            os.close(fd)
+            raise
         if old >= 0:
             os.close(old)
 
@@ -162,14 +168,46 @@ class LogFileHandler(logging.Handler):
                 self.flush()
 
     def flush(self) -> None:
+        """Write the buffer; never raises. A write that fails (a full disk: ENOSPC, EIO) loses
+        only the lines it could not write: they are counted, the failure is told once on
+        stderr, and the next flush tries again. The loops that call this (the supervisor's, a
+        worker's ticker) must never die of their log."""
         self.last_flush = time.monotonic()
         if not self.pending or self.fd < 0:
             return
         data = memoryview(b"".join(self.pending))
         self.pending.clear()
         self.pending_bytes = 0
-        while data:
-            data = data[os.write(self.fd, data):]
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            self._write_failed(exc, bytes(data).count(b"\n") or 1)
+            return
+        if self.write_error is not None:
+            self._write_recovered()
+
+    def _write_failed(self, exc: OSError, lines: int) -> None:
+        self.dropped_lines += lines
+        if self.write_error is None:
+            self.write_error = exc.strerror or str(exc)
+            _tell_stderr(f"iupop3 {self._role()}: cannot write the log file {self.path}: "
+                         f"{self.write_error}; lines are dropped (and counted) until a write "
+                         "succeeds")
+
+    def _role(self) -> str:
+        return getattr(self.formatter, "role", "-")
+
+    def _write_recovered(self) -> None:
+        """The first write after a failure: say in the log itself what was lost."""
+        note = (f"log file writable again: {self.dropped_lines} lines were dropped "
+                f"({self.write_error})")
+        self.write_error = None
+        _tell_stderr(f"iupop3 {self._role()}: {note}")
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, note, (), None)
+        self.pending.append((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        self.pending_bytes += len(self.pending[-1])
+        self.flush()
 
     def close(self) -> None:
         try:
@@ -179,6 +217,14 @@ class LogFileHandler(logging.Handler):
                 os.close(self.fd)
                 self.fd = -1
             super().close()
+
+
+def _tell_stderr(text: str) -> None:
+    """One line on stderr (the journal or the terminal), when the log file cannot take it."""
+    try:
+        os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
 
 
 def open_nofollow(path: str, flags: int, mode: int) -> int:

@@ -1,9 +1,10 @@
-"""Client addresses as the limits see them: normalised, IPv6 aggregated per prefix, and the
-``-trusted-networks`` list.
+"""Client addresses as the limits, the logs and the cleartext policy see them: normalised,
+IPv6 aggregated per prefix, loopback, and the ``-trusted-networks`` list.
 
 One IPv6 subscriber holds a whole /64 (often more), so a limit keyed by the exact address is
 none at all; an IPv4-mapped address (``::ffff:192.0.2.1`` on a dual-stack socket) is the IPv4
-address. Used by the supervisor (``-max-per-address``), the workers' failed-login guard, and the
+address. Used by the supervisor (``-max-per-address``), the workers' failed-login guard,
+cleartext policy and log lines, the admin client (where a password may go in clear), and the
 settings (parsing ``-trusted-networks``).
 """
 
@@ -17,8 +18,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)  # the same few addresses come back all day
 def parse_address(text: str) -> Address | None:
-    """The address, IPv4-mapped ones as IPv4 and without an IPv6 zone; None if not an IP."""
+    """The address, IPv4-mapped ones as IPv4 and without an IPv6 zone; None if not an IP.
+    A dual-stack listener sees IPv4 clients as ``::ffff:a.b.c.d``: the same client."""
     try:
         address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
@@ -26,6 +29,18 @@ def parse_address(text: str) -> Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def is_loopback(text: str) -> bool:
+    """127.0.0.0/8 or ::1, also written as IPv4-mapped IPv6; False for anything not an IP."""
+    address = parse_address(text)
+    return address is not None and address.is_loopback
+
+
+def normalized(text: str) -> str:
+    """The address as logged (what fail2ban's <HOST> parses): IPv4-mapped IPv6 as IPv4."""
+    address = parse_address(text)
+    return str(address) if address is not None else (text or "unknown")
 
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses come back all day

@@ -1,9 +1,9 @@
 """Server statistics in shared memory: one slot of counters per process, one writer per slot.
 
 The supervisor creates the area (a memfd, so exec'd workers can map it from an inherited
-descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from a thread of its
-pool, the one writer of that word), the supervisor only slot 0 and the slot of a worker it has
-reaped. Anyone may read and sum. Layout, 8-byte words::
+descriptor) before it spawns anyone; worker k writes only slot k (POOL_BEAT from the threads
+of its pool whenever a task ends: aligned stores, so their race is harmless), the supervisor
+only slot 0 and the slot of a worker it has reaped. Anyone may read and sum. Layout, 8-byte words::
 
     word 0..7              header: MAGIC, VERSION, NSLOTS, START_TIME, LOGLEVEL, spare...
     word 8 + s*32 + c      counter c of slot s (s = 0 supervisor, 1..N workers, N+1..2N spare
@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 from enum import IntEnum
 
 from shared.keytable import ENTRY_WORDS, SECRET_BYTES, KeyTable
@@ -76,7 +77,7 @@ class Counter(IntEnum):
     CPU_EXITED_US = 16   # CPU microseconds of reaped workers (supervisor slot)
     ADDRESS_REFUSED = 17  # connections refused for -max-per-address (supervisor slot)
     ADDRESS_BLOCKED = 18  # logins refused for -auth-block
-    POOL_BEAT = 19       # monotonic milliseconds when the worker's thread pool last ran a probe
+    POOL_BEAT = 19       # monotonic milliseconds when a task of the worker's pool last ended
     CAPACITY = 20        # sessions the worker's descriptor limit can hold (0 = not known yet)
     TRUNCATED = 21       # connections lost because the kernel dropped their descriptor (CTRUNC)
     FATAL_SLOTS = 22     # supervisor slot: worker slots in the FATAL state now
@@ -86,6 +87,9 @@ class Counter(IntEnum):
     TAKEOVERS = 26       # idle sessions ended so a new login could take their maildrop's lock
     LOGIN_DELAYED = 27   # good logins refused with [LOGIN-DELAY] (RFC 2449)
 
+
+_USED_ENTRY = re.compile(rb"[^\0]")  # a Current Users entry whose first byte is set
+_EMPTY_SLOT = bytes(USERS_PER_SLOT * NAME_BYTES)  # the Current Users of a slot nobody uses
 
 _MIN_COUNTERS = {Counter.RETR_MIN}
 _MAX_COUNTERS = {Counter.RETR_MAX, Counter.MAX_CONCURRENT, Counter.HEARTBEAT, Counter.PID,
@@ -183,15 +187,24 @@ class StatsArea:
         self._map[off: off + USERS_PER_SLOT * NAME_BYTES] = bytes(USERS_PER_SLOT * NAME_BYTES)
 
     def users(self) -> list[str]:
-        """Names of the users with a session now, over all workers."""
+        """Names of the users with a session now, over all workers.
+
+        XTND STATS calls this on a worker's event loop, over every slot (spares included):
+        17 x 16384 entries with 8 workers. Every step of the scan runs in C (a copy of the
+        slot, a comparison with an empty one, an extended slice of the entries' first bytes,
+        a regex for the used ones), so the Python work is per user logged in, not per entry
+        (review item 7: a per-entry loop took 270 ms a call with 8 workers).
+        """
         names: list[str] = []
         for slot in range(self.nslots):
             off = self._name_offset(slot, 0)
-            block = self._map[off: off + USERS_PER_SLOT * NAME_BYTES]
-            for i in range(0, len(block), NAME_BYTES):
-                raw = block[i: i + NAME_BYTES]
-                if raw[0]:
-                    names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
+            block = self._map[off: off + len(_EMPTY_SLOT)]
+            if block == _EMPTY_SLOT:
+                continue
+            for used in _USED_ENTRY.finditer(block[::NAME_BYTES]):
+                start = used.start() * NAME_BYTES
+                raw = block[start: start + NAME_BYTES]
+                names.append(raw.rstrip(b"\0").decode("utf-8", "replace"))
         return names
 
     def key_secret(self) -> bytes:

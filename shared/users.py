@@ -110,9 +110,13 @@ def parse_line(line: str, where: str) -> Account:
     if len(fields) < 2 or not fields[0].strip():
         raise UsersFileError(f"{where}: expected user:password[:uid:gid:gecos:home:shell:extra]")
     fields += [""] * (8 - len(fields))
-    name = fields[0].strip().lower()
+    raw = fields[0].strip()
+    name = raw.lower()
     if any(c.isspace() or not c.isprintable() for c in name):
         raise UsersFileError(f"{where}: user name {name!r} contains a space or control character")
+    if user_name(raw) is None:  # no login could ever reach it: say so now, not never
+        raise UsersFileError(f"{where}: user name {raw!r} cannot log in: only ASCII letters, "
+                             "digits and ._@+- (not first), at most 64")
     password = fields[1]
     if password and not passwords.known_scheme(password):
         scheme = passwords.split_scheme(password)[0]

@@ -343,7 +343,12 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
 
     # -- workers ----------------------------------------------------------------------------
     def spawn_worker(self, worker: WorkerProcess) -> None:
-        ours, theirs = handoff.channel_pair()
+        try:  # EMFILE/ENFILE/ENOMEM: a failed start like posix_spawn's, never the loop's end
+            ours, theirs = handoff.channel_pair()
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", worker.slot, exc)
+            self.died_before_ready(worker)
+            return
         env = dict(os.environ)
         env["IUPOP3_SETTINGS"] = settings_mod.to_json(self.settings)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT,

@@ -1,10 +1,10 @@
-"""shared/addresses.py: one reading of loopback and IPv4-mapped addresses for every caller."""
+"""shared/netaddr.py: one reading of loopback and IPv4-mapped addresses for every caller."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared import addresses
+from shared import netaddr as addresses
 
 
 @pytest.mark.parametrize("address, loopback, shown", [

@@ -28,6 +28,7 @@ import pytest
 from conftest import USERS, assert_healthy, write_message
 from processes import wait_until
 from shared import refusal
+from shared.users import UsersFileError, parse_users
 from worker import replies as R
 
 
@@ -429,7 +430,7 @@ BAD_NAMES = ["..", "../escape", "../../etc/passwd", "/tmp/abs", "sub/dir", ".hid
              "a\x00b", "\x00", "ctl\x01x", "tab\tname", "esc\x1b[0m", "del\x7f",
              "x" * 65, "y" * 200, "%2e%2e", "~root", "a\\b", "\u212a../x", "\u212aelvin",
              "caf\u00e9"]
-# Users the users file really has, so only the wire check stands between them and the disk.
+# Names that try to leave the mail root, also as users-file entries (refused at load).
 ESCAPING_USERS = {"..": "pw", "../escape": "pw", "../../etc/passwd": "pw", "/tmp/abs": "pw",
                   "sub/dir": "pw", ".hidden": "pw", "%2e%2e": "pw", "~root": "pw",
                   "a\\b": "pw", "x" * 65: "pw"}
@@ -476,12 +477,15 @@ def _attempt(server, path: str, name: str, password: str) -> list[bytes]:
 @pytest.mark.parametrize("path", ["USER", "APOP", "AUTH PLAIN", "AUTH LOGIN"])
 def test_user_names_never_leave_the_mail_root(start_server, tmp_path, path):
     """Names with .., /, NUL, control characters or over 64 octets are refused on every login
-    path before any file is touched, even when the users file has such an account."""
+    path before any file is touched; a users file cannot hold such an account either (it is
+    refused at load, so the wire check is not the only layer)."""
     root = tmp_path / "srv"
     mail = root / "mail"
     mail.mkdir(parents=True)
-    users = {**USERS, **ESCAPING_USERS}
-    (root / "users").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in users.items()))
+    for name in ESCAPING_USERS:
+        with pytest.raises(UsersFileError, match="cannot log in"):
+            parse_users(f"{name}:{{PLAIN}}pw::::::\n")
+    (root / "users").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in USERS.items()))
     server = start_server("-apop", "-auth-delay", "0", "-auth-block", "0", root=root,
                           users=USERS)
     before = _tree(tmp_path)

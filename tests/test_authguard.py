@@ -91,14 +91,55 @@ def test_every_attempt_after_a_failure_waits_and_successes_take_it_back():
 
 
 def test_checks_for_one_user_are_serialised_across_addresses():
-    """Parallel attempts for one user from fresh addresses get check times a penalty apart."""
-    guard, clock, _ = _guard(auth_delay_max=1)
-    starts = []
+    """Parallel attempts for one user from fresh addresses get check times a penalty apart;
+    one that would wait longer than auth_delay_max is deferred instead (review item 3)."""
+    guard, clock, _ = _guard(auth_delay_max=4)
+    outcomes = [guard.admit(f"192.0.2.{n + 1}", "alice") for n in range(5)]
+    assert [(a.outcome, a.wait) for a in outcomes[:3]] == [
+        (Outcome.CHECK, 0), (Outcome.CHECK, 1), (Outcome.CHECK, 3)]
+    assert all(a.outcome is Outcome.DEFERRED and a.wait <= 4 for a in outcomes[3:])
+
+
+def test_no_login_waits_longer_than_the_maximum_behind_fresh_addresses():
+    """Review item 3b: 200 first attempts for alice from 200 IPv6 /64s used to queue her own
+    login from a clean address 2955 s out; now nothing waits past auth_delay_max."""
+    guard, clock, _ = _guard(auth_delay_max=15, auth_block=20)
+    admissions = [guard.admit(f"2001:db8:{n:x}::1", "alice") for n in range(200)]
+    own = guard.admit("198.51.100.7", "alice")
+    assert max(a.wait for a in admissions + [own]) <= 15
+    assert sum(a.outcome is Outcome.CHECK for a in admissions) < 10  # still serialised
+
+
+def test_a_full_address_table_blocks_no_newcomer():
+    """Review item 3a: 5,000 failed attempts from 5,000 /64s within the window fill the
+    address table; clean IPv4 clients are then held back like the worst, never BLOCKED."""
+    guard, clock, area = _guard(auth_delay_max=15, auth_block=20)
+    for n in range(5000):
+        guard.admit(f"2001:db8:{n // 65536:x}:{n % 65536:x}::1", f"nobody{n}")
+        clock.now += 0.1
+    assert guard.addresses.is_overflow(
+        guard.addresses.entry(guard.keys.address("2001:db8:ffff:1::1"),
+                              int(clock.now * 1000), int(clock.now * 1000) - 900_000))
     for n in range(5):
-        admission = guard.admit(f"192.0.2.{n + 1}", "alice")
-        assert admission.outcome is Outcome.CHECK
-        starts.append(admission.wait)
-    assert starts == [0, 1, 2, 3, 4]
+        admission = guard.admit(f"203.0.113.{n + 1}", f"user{n}")
+        assert admission.outcome is Outcome.CHECK and admission.wait <= 15, admission
+
+
+def test_a_clean_login_takes_over_a_guessers_slot():
+    """A guesser whose address is penalised holds only a provisional slot: the user's own
+    login from a clean address would wait past the maximum behind it, so it takes the slot
+    and the guesser's check is revoked (answered deferred, unchecked)."""
+    guard, clock, _ = _guard(auth_delay_max=1)
+    for _ in range(3):
+        guard.admit("192.0.2.1", "alice")  # failures: the address and the user are penalised
+        clock.now += 5
+    guesser = guard.admit("192.0.2.1", "alice")
+    assert guesser.outcome is Outcome.CHECK and guard.confirm(guesser)
+    clock.now += 0.5
+    own = guard.admit("198.51.100.1", "alice")
+    assert own.outcome is Outcome.CHECK and own.wait <= 1
+    assert not guard.confirm(guesser)
+    assert guard.confirm(own)
 
 
 def test_a_penalised_address_is_deferred_rather_than_queued():

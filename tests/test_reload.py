@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import poplib
 import shutil
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -96,3 +97,25 @@ def test_replacing_the_certificate_reloads_it_and_a_bad_one_is_kept_out(start_se
     _replace(cert, b"-----BEGIN CERTIFICATE-----\nnot a certificate\n")
     _both_workers(server, r"keeping the previous certificate", mark, "ERROR")
     assert wait_until(lambda: _served_certificate(port) == fresh, timeout=5)
+
+
+def test_a_slow_reload_does_not_stop_the_worker_taking_connections(start_server):
+    """SIGHUP with a costly hash class in the users file: while a worker measures it in the
+    pool, a new client is greeted by that worker (the RELOAD frame used to hold the receiver)."""
+    from passlib.hash import sha512_crypt
+    server = start_server()
+    slow = sha512_crypt.using(rounds=400_000).hash("slow secret")  # about a second here
+    text = "".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in USERS.items())
+    _replace(server.users_file, (text + f"slow:{{SHA512-CRYPT}}{slow}::::::\n").encode())
+    _both_workers(server, r"users file reloaded: 4 accounts \(file changed\)", server.mark())
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    _both_workers(server, r"reload requested", mark)
+    client = server.raw()
+    assert client.line().startswith(b"+OK")
+    greeted = server.mark()
+    slot = server.worker_of(client.local_port)
+    # The reload of the worker that greeted us ends after the greeting, not before it.
+    server.wait_for(rf"worker-{slot} - users file reloaded: 4 accounts \(reload request\)",
+                    start=greeted, timeout=60)
+    client.close()

@@ -21,8 +21,8 @@ from worker import replies as R
 
 VICTIM = "alice"
 PHASE_SECONDS = 6.0
-CHECK_LINE = re.compile(r"^(\S+ \S+) THREAD +worker-\d \S+ login failed for (\S+) from "
-                        r"\S+ \(attempt \d+\), (deferred, )?delay")
+CHECK_LINE = re.compile(r"^(\S+ \S+) (?:INFO|THREAD) +worker-\d \S+ login failed for (\S+) from "
+                        r"\S+(?: port \d+)? \(attempt \d+\), (deferred, )?delay")
 
 
 def _checks(server, user: str, start: float, end: float) -> int:

@@ -5,9 +5,13 @@ extra field, errors that name the file and line, and the dummy hash for unknown 
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import ROOT
 from shared import passwords
 from shared.users import Account, Users, UsersFileError, load_users, parse_users
 
@@ -82,6 +86,11 @@ def test_flag_wins_over_a_future_expiry():
     ("ivy:{PLAIN}x::::::expire=20300101", "not a date"),
     ("ivy:{PLAIN}x::::::expire=", "not a date"),
     ("ivy:{PLAIN}x::::::expire=2030-01-01 expire=2031-01-01", "given twice"),
+    ("jos\u00e9:{PLAIN}x", "user name 'jos\u00e9' cannot log in"),  # USER never matches it
+    ("a%b:{PLAIN}x", "user name 'a%b' cannot log in"),
+    (".hidden:{PLAIN}x", "cannot log in"),
+    ("\u212aelvin:{PLAIN}x", "cannot log in"),  # a Kelvin sign folds to "k": refused at login
+    ("x" * 65 + ":{PLAIN}x", "at most 64"),
 ])
 def test_malformed_line_names_file_and_line(line, message):
     """A bad line raises UsersFileError with the file name, line number and what is wrong."""
@@ -144,3 +153,17 @@ def test_table_carries_a_dummy_like_most_accounts():
 def test_empty_table_uses_the_default_dummy():
     """No accounts at all: unknown names are checked against passwords.DUMMY."""
     assert parse_users("# nobody yet\n").dummy == passwords.DUMMY
+
+
+def test_server_refuses_to_start_with_a_name_no_login_can_match(tmp_path):
+    """The real supervisor: a users file naming `josé` stops the start with exit 2 and one
+    line naming the file and line, as any other bad line (it used to load and never log in)."""
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}x\njos\u00e9:{PLAIN}y\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "-users", str(users), "-port", "0",
+                          "-listen", "127.0.0.1", "-mail", f"maildir:{tmp_path}/%u"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2, out
+    assert f"{users} line 2: user name 'jos\u00e9' cannot log in" in out.stderr
+    assert out.stderr.strip().count("\n") == 0

@@ -11,9 +11,15 @@ connections or workers do not multiply guesses. An attempt counts as a failure w
 admitted and is taken back if the password was right, so a check cut short by a dead worker
 still counts. A penalised address whose attempt would have to queue behind another check of
 the user is deferred instead (it waits its penalty, then ``-ERR [SYS/TEMP]``, nothing checked),
-so a guesser cannot fill a user's queue ahead of the user's own login. An address with
-``auth_block`` recent failures is refused outright. ``-trusted-networks`` addresses skip the
-address penalty and block, never the per-user one.
+so a guesser cannot fill a user's queue ahead of the user's own login, and its checks hold
+only a provisional slot that a clean address's login takes over when it would otherwise wait
+past ``auth_delay_max`` (the guesser is then answered as deferred). No attempt ever waits
+longer than ``auth_delay_max``: one that would is deferred (review item 3: a queue of first
+attempts from fresh addresses pushed a user's logins hours out). An address with
+``auth_block`` recent failures is refused outright. A key that finds no entry in a full
+table is held back like the worst, but never blocked, counted or queued on the shared
+overflow entry (its sum used to block every newcomer). ``-trusted-networks`` addresses skip
+the address penalty and block, never the per-user one.
 """
 
 from __future__ import annotations
@@ -104,9 +110,12 @@ class AuthGuard:
             return None, 0, 0
         table = self.addresses
         at = table.entry(self.keys.address(address), now, since)
+        if table.is_overflow(at):
+            # Shared by every address that found no entry: never blocked or counted on (its
+            # sum would block every newcomer, review item 3), only held back like the worst.
+            return None, 0, self._worst_ms()
         failures = table.get(at, FAILURES)
-        penalty = self._worst_ms() if table.is_overflow(at) else self.penalty_ms(failures)
-        return at, failures, penalty
+        return at, failures, self.penalty_ms(failures)
 
     def _admit_locked(self, address: str, user: str | None, exempt: bool = True) -> Admission:
         now, since = self._now_since()
@@ -119,22 +128,64 @@ class AuthGuard:
             self._count(self.addresses, address_at, now)
             return Admission(Outcome.MALFORMED, address_penalty / 1000)
         users = self.users
-        user_at = users.entry(self.keys.user(user), now, since)
-        user_failures = users.get(user_at, FAILURES)
-        user_penalty = (self._worst_ms() if users.is_overflow(user_at)
-                        else self.penalty_ms(user_failures))
+        user_at: int | None = users.entry(self.keys.user(user), now, since)
+        if users.is_overflow(user_at):
+            # No queue on the shared entry either: the worst penalty, and no reservation.
+            user_at, user_failures, user_penalty = None, 0, self._worst_ms()
+        else:
+            user_failures = users.get(user_at, FAILURES)
+            user_penalty = self.penalty_ms(user_failures)
         own = max(address_penalty, user_penalty)
-        start = max(now + own, users.get(user_at, NEXT))
-        if address_penalty and start > now + own:
+        start, firm = self._start(user_at, now, own, user_penalty, bool(address_penalty))
+        # A penalised address never queues; nobody waits longer than -auth-delay-max (a queue
+        # of first attempts from fresh addresses pushed a user's logins hours out: review 3).
+        if (address_penalty and start > now + own) or start - now > self._worst_ms():
             self._count(self.addresses, address_at, now)
             return Admission(Outcome.DEFERRED, own / 1000)
         self._count(users, user_at, now)
         self._count(self.addresses, address_at, now)
-        reserved = start + self.penalty_ms(user_failures + 1)
-        users.set(user_at, NEXT, reserved)
-        return Admission(Outcome.CHECK, (start - now) / 1000, self.keys.user(user),
+        reserved = 0
+        if user_at is not None:
+            # A clean address reserves the next slot firmly (even); a penalised one only
+            # provisionally (odd, holding its own start), so a clean login may take it over.
+            reserved = ((start + self.penalty_ms(user_failures + 1)) & ~1 if firm
+                        else start | 1)
+            users.set(user_at, NEXT, reserved)
+        return Admission(Outcome.CHECK, (start - now) / 1000,
+                         self.keys.user(user) if user_at is not None else None,
                          self.keys.address(address) if address_at is not None else None,
                          reserved)
+
+    def _start(self, user_at: int | None, now: int, own: int, interval: int,
+               penalised: bool) -> tuple[int, bool]:
+        """When this check may start, and whether its reservation is firm. After a firm
+        reservation the next check waits for NEXT; after a provisional one (a penalised
+        address's, NEXT holding its start) for that start plus the user's interval, unless a
+        clean address would then wait past -auth-delay-max: it takes the slot instead and the
+        penalised check is revoked (``confirm``), so guessers cannot keep the user out."""
+        earliest = now + own
+        if user_at is None:
+            return earliest, not penalised
+        next_at = self.users.get(user_at, NEXT)
+        if not next_at & 1:
+            return max(earliest, next_at), not penalised
+        after = max(earliest, (next_at & ~1) + interval)
+        if penalised or after - now <= self._worst_ms():
+            return after, not penalised
+        return max(earliest, next_at & ~1), True
+
+    def confirm(self, admission: Admission) -> bool:
+        """After its wait: may this check go ahead? False when a clean address took over the
+        provisional slot of a penalised one (the caller answers as deferred, unchecked)."""
+        if admission.outcome is not Outcome.CHECK or not admission.reserved_next & 1:
+            return True
+        if not self._lock():
+            return False  # fail closed
+        try:
+            at = self.users.find(admission.user_key) if admission.user_key else None
+            return at is not None and self.users.get(at, NEXT) == admission.reserved_next
+        finally:
+            self.area.unlock_tables()
 
     @staticmethod
     def _count(table: KeyTable, at: int | None, now: int) -> None:
@@ -155,6 +206,6 @@ class AuthGuard:
                     continue
                 table.set(at, FAILURES, table.get(at, FAILURES) - 1)
                 if table is self.users and table.get(at, NEXT) == admission.reserved_next:
-                    table.set(at, NEXT, now)  # nobody queued behind: the next may go at once
+                    table.set(at, NEXT, now & ~1)  # nobody queued behind: the next may go now
         finally:
             self.area.unlock_tables()

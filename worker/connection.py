@@ -16,8 +16,8 @@ import gevent
 import gevent.event
 from gevent import GreenletExit, Timeout
 
-from shared.addresses import is_loopback
 from shared.logsetup import THREAD
+from shared.netaddr import is_loopback
 from shared.proxyprotocol import ProxyHeader
 from shared.stats import Counter
 from worker import replies as R
@@ -181,8 +181,7 @@ class Connection:
                                  " applied", exc)
             self._try_send(R.TAKEN_OVER)
         except GreenletExit:
-            session.log.log(THREAD, "session closed by shutdown; nothing applied")
-            self._try_send(R.SHUTTING_DOWN)
+            self._closed_by_shutdown()
         except ssl.SSLError as exc:
             self.session.log.log(THREAD, "TLS failed: %s", exc.reason or exc)
         except (ConnectionLost, OSError) as exc:
@@ -200,6 +199,14 @@ class Connection:
             ctx.stats.count(outcome)
             ctx.stats.count(Counter.CURRENT, -1)
             self.sock.close()  # the worker tells the supervisor (worker/main.py Worker.serve)
+
+    def _closed_by_shutdown(self) -> None:
+        """Killed past -grace. In UPDATE only once the pool finished the commit (a kill cannot
+        stop it: worker/main.py in_threadpool), so then it did apply (review item 5)."""
+        applied = self.session.state is State.UPDATE
+        self.session.log.log(THREAD, "session closed by shutdown; %s",
+                             "its update ran" if applied else "nothing applied")
+        self._try_send(R.SHUTTING_DOWN)
 
     def _read_loop(self) -> None:
         session = self.session

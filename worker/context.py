@@ -39,7 +39,7 @@ def _direct(function: Callable[..., Any], *args: Any) -> Any:
 class ServerContext:
     def __init__(self, settings: Any, *, accounts: Accounts, tls: TlsService,
                  stats: SessionStats, supervisor: SupervisorLink, xtnd: XtndAuthorization,
-                 guard: AuthGuard, keys: Keyer, takeover: TakeoverDesk,
+                 guard: AuthGuard, takeover: TakeoverDesk,
                  offload: Callable[..., Any] = _direct,
                  sleep: Callable[[float], Any] = time.sleep):
         self.settings = settings
@@ -49,7 +49,6 @@ class ServerContext:
         self.supervisor = supervisor
         self.xtnd = xtnd
         self.guard = guard
-        self.keys = keys  # table keys of this run: CLOSED frames name an address with them
         self.takeover = takeover  # this worker's sessions, for logins that find a lock held
         self.slot = stats.slot
         self.version = VERSION
@@ -70,7 +69,13 @@ class ServerContext:
         return self._offload(function, *args)
 
     def maildrop_for(self, account: Account) -> store.Maildrop:
-        return store.open_maildrop(self.settings, account, self.rewriter)
+        maildrop = store.open_maildrop(self.settings, account, self.rewriter)
+        if hasattr(maildrop, "lock_wait"):
+            # An mbox dot-lock wait sleeps in a pool thread: keep it well below
+            # -worker-timeout, or ten logins to spools a stuck MDA holds would look like a
+            # hung pool and get the worker killed with all its sessions (review item 6).
+            maildrop.lock_wait = min(maildrop.lock_wait, self.settings.worker_timeout / 2)
+        return maildrop
 
 
 def build_context(settings: Any, area: StatsArea, slot: int,
@@ -88,7 +93,6 @@ def build_context(settings: Any, area: StatsArea, slot: int,
     hostname = settings.hostname or socket.gethostname()
     xtnd = XtndAuthorization(settings.xtnd)
     xtnd.reload("startup")  # a bad file: an ERROR, and nobody is authorized until it is fixed
-    keys = Keyer(area.key_secret(), settings.ipv6_prefix)
     return ServerContext(
         settings,
         accounts=Accounts(source, offload, hostname, sleep),
@@ -96,8 +100,8 @@ def build_context(settings: Any, area: StatsArea, slot: int,
         stats=SessionStats(area, slot),
         supervisor=supervisor,
         xtnd=xtnd,
-        guard=AuthGuard(settings, area, slot, keys, sleep),
-        keys=keys,
+        guard=AuthGuard(settings, area, slot, Keyer(area.key_secret(), settings.ipv6_prefix),
+                        sleep),
         takeover=TakeoverDesk(settings.takeover_idle),
         offload=offload,
         sleep=sleep,

@@ -12,9 +12,11 @@ import signal
 import socket as stdsocket
 import sys
 import time
+from collections.abc import Callable
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import gevent.socket
 from setproctitle import setproctitle
@@ -28,11 +30,15 @@ from shared.accountsource import AccountSourceError, open_source
 from worker import xtnd
 from worker.connection import Connection
 from worker.context import ServerContext, build_context
+from worker.pop3 import State
 from worker.reloading import Reloader
 from worker.supervisorlink import SupervisorLink
 
 CHANNEL_FD = 3
 STATS_FD = 4
+# How long past -grace a session in UPDATE may take to finish its commit; the supervisor
+# SIGKILLs a worker KILL_MARGIN_SECONDS (10 s) after -grace, so this stays below it.
+COMMIT_WAIT_SECONDS = 8
 
 
 class Worker:
@@ -44,6 +50,7 @@ class Worker:
         self.ctx = ctx
         self.link = link
         self.sessions = gevent.pool.Group()
+        self.connections: dict[gevent.Greenlet, Connection] = {}  # session greenlet -> its own
         self.channel = link.channel
         self.draining = False
         self.supervisor_gone = False
@@ -52,6 +59,7 @@ class Worker:
         self.serial = 0
         self.handler = handler  # the log file's handler (None when logging to stdout)
         self.reloader = reloader
+        self.reload_lock = gevent.lock.Semaphore()
         link.on_broken = self.channel_ended
 
     def run(self) -> int:
@@ -168,7 +176,14 @@ class Worker:
                 log.error("cannot reopen the log file: %s", exc)
         elif frame.kind is Kind.RELOAD:
             log.info("reload requested")
-            self.reloader.reload_all("reload request")
+            # Its own greenlet, as the file watcher's: a reload waits for dummy hashes in the
+            # pool, and meanwhile the receiver must keep taking connections (review item 8).
+            gevent.spawn(self.reload, "reload request")
+
+    def reload(self, why: str) -> None:
+        """One reload at a time, in the order requested: the last file read is the one kept."""
+        with self.reload_lock:
+            self.reloader.reload_all(why)
 
     def refuse(self, fd: int, address_key: int) -> None:
         sock = stdsocket.socket(fileno=fd)
@@ -185,10 +200,13 @@ class Worker:
         # RECEIVED counts only once the greenlet runs, right after serve's CURRENT + 1 (in
         # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
         # never misses a session that waits for its greenlet, so -maxclients stays exact.
+        me = gevent.getcurrent()
         try:
             sock = gevent.socket.socket(fileno=fd)
-            Connection(sock, self.ctx, session_id, implicit_tls, proxied).serve()
+            self.connections[me] = Connection(sock, self.ctx, session_id, implicit_tls, proxied)
+            self.connections[me].serve()
         finally:
+            self.connections.pop(me, None)
             # The supervisor's own key for the address, even if the client reset before its
             # address could be read here (issue 10), so its per-address count comes down.
             self.address_closed(address_key)
@@ -218,13 +236,28 @@ class Worker:
                 self.drain_deadline = deadline
 
     def finish_sessions(self) -> None:
-        """Wait for sessions; past the deadline, close the rest without applying them."""
+        """Wait for sessions; past the deadline, close the rest without applying them, except
+        those in UPDATE: their commit runs in the pool, where no kill can stop it, so they get
+        up to COMMIT_WAIT_SECONDS more to finish it and say +OK (review item 5)."""
         while len(self.sessions):
             self.sessions.join(timeout=0.2)
-            if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
-                log.info("grace period over: closing %d sessions unapplied", len(self.sessions))
-                self.sessions.kill(timeout=5)
-                break
+            if self.drain_deadline is None or time.monotonic() < self.drain_deadline:
+                continue
+            updating = [g for g in self.sessions if self._updating(g)]
+            idle = [g for g in self.sessions if g not in updating]
+            if idle:
+                log.info("grace period over: closing %d sessions unapplied", len(idle))
+                gevent.killall(idle, block=False)
+            if updating:
+                log.info("grace period over: waiting up to %ds for %d updates to finish",
+                         COMMIT_WAIT_SECONDS, len(updating))
+                gevent.joinall(updating, timeout=COMMIT_WAIT_SECONDS)
+            self.sessions.join(timeout=1)  # a session still in the pool ends with the process
+            break
+
+    def _updating(self, greenlet: gevent.Greenlet) -> bool:
+        connection = self.connections.get(greenlet)
+        return connection is not None and connection.session.state is State.UPDATE
 
     def tick(self) -> None:
         """The heartbeats the supervisor's watchdog reads, the title, the log flush, and a
@@ -247,26 +280,51 @@ class Worker:
             gevent.sleep(TICK_SECONDS)
 
     def probe_pool(self) -> None:
-        """Queue a no-op in the thread pool unless the last one is still waiting: its run
-        stamps POOL_BEAT, so a pool whose threads are all stuck while work waits goes stale."""
+        """Queue a no-op in the thread pool unless the last one is still waiting. POOL_BEAT is
+        stamped whenever any pool task ends (``pool_beat`` from ``in_threadpool``) and by this
+        probe, which runs at once in an idle pool: it goes stale only when no task has
+        finished for -worker-timeout while work waited. A long queue of legitimate work (a
+        login flood of costly hashes) keeps finishing tasks, so it is never taken for a hang
+        (review item 6). A single task may take long (an mbox dot-lock wait, up to
+        min(20 s, half of -worker-timeout): worker/context.py); only all threads stuck at
+        once go stale."""
         if self.pool_probe is not None and not self.pool_probe.ready():
             return
-        stats, slot = self.stats, self.slot
-        self.pool_probe = gevent.get_hub().threadpool.spawn(
-            lambda: stats.set(slot, Counter.POOL_BEAT, int(time.monotonic() * 1000)))
+        # In its own greenlet: gevent's threadpool.spawn waits for a free thread, and the
+        # ticker waiting there stopped the loop's own heartbeat while the pool was busy.
+        self.pool_probe = gevent.spawn(in_threadpool, gevent.get_hub(), pool_beat,
+                                       self.stats, self.slot)
 
 
-def in_threadpool(hub, function, *args):
+def pool_beat(stats: StatsArea, slot: int) -> None:
+    """A pool task ended (or the probe ran): the pool moves. Runs in a pool thread; an aligned
+    8-byte store, so threads racing here are safe (the latest wins within microseconds)."""
+    stats.set(slot, Counter.POOL_BEAT, int(time.monotonic() * 1000))
+
+
+def in_threadpool(hub, function, *args, beat: Callable[[], None] | None = None):
     """``function(*args)`` in gevent's threadpool; its exception is raised here, in the calling
     greenlet, and only here: gevent would also print it to stderr with a traceback, as if it
-    were a crash (an ENOSPC from an mbox scan did: tests/test_faults.py)."""
+    were a crash (an ENOSPC from an mbox scan did: tests/test_faults.py). ``beat`` runs in the
+    pool thread when the task ends: the pool is moving (Worker.probe_pool)."""
     def call():
         try:
             return function(*args), None
         except Exception as exc:  # the caller handles it (or logs it with the session id)
             return None, exc
+        finally:
+            if beat is not None:
+                beat()
 
-    result, error = hub.threadpool.apply(call)
+    task = hub.threadpool.spawn(call)
+    try:
+        result, error = task.get()
+    except gevent.GreenletExit:
+        # A kill (the grace deadline) cannot stop the thread: unwind only once it is done, so
+        # the session's finally never drops a lock or closes a descriptor it still uses
+        # (review item 5); a kill that comes again cuts this short (the worker is exiting).
+        task.wait(COMMIT_WAIT_SECONDS)
+        raise
     if error is not None:
         raise error
     return result
@@ -300,7 +358,8 @@ def main(argv: list[str]) -> int:
     link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                                fileno=CHANNEL_FD))
     ctx = build_context(settings, stats, slot, source,
-                        offload=lambda f, *a: in_threadpool(hub, f, *a),
+                        offload=lambda f, *a: in_threadpool(hub, f, *a,
+                                                             beat=lambda: pool_beat(stats, slot)),
                         sleep=gevent.sleep, supervisor=link)
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
     return Worker(slot, settings, stats, ctx, link, reloader, handler).run()

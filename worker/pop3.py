@@ -12,8 +12,8 @@ from logging import ERROR
 from enum import Enum
 
 from shared.accountsource import Verdict
-from shared.addresses import normalized
 from shared.logsetup import FLUSH, THREAD, masked_line, session_logger
+from shared.netaddr import normalized
 from shared.stats import Counter
 from shared.users import Account, user_name
 from worker import replies as R
@@ -305,7 +305,7 @@ class Session(SaslExchange):
             self._login_blocked()
             return
         self._wait_penalty(user, admission.wait)
-        if admission.outcome is Outcome.DEFERRED:
+        if admission.outcome is Outcome.DEFERRED or not self.ctx.guard.confirm(admission):
             self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
             return
         verdict = check()

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.addresses import is_loopback
 from shared.logsetup import THREAD
-from shared.netaddr import parse_address
+from shared.netaddr import is_loopback, parse_address
 
 OK = "+OK"
 BAD = "-ERR invalid XCLIENT arguments"
