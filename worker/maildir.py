@@ -100,12 +100,13 @@ class Maildir:
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
                  purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None,
-                 group: int | None = None):
+                 group: int | None = None, home: bool = False):
         self.trusted, self.below = (where, ()) if isinstance(where, str) else where
         self.path = os.path.join(self.trusted, *self.below)
         self.sizing = sizing
         self.owner = owner
         self.group = group
+        self.home = home  # ``trusted`` is the account's home: never made here (safefs.walk)
         self.wastebasket = wastebasket
         self.purge = purge
         self._root_fd: int | None = None
@@ -120,9 +121,14 @@ class Maildir:
         dies with the process that holds it."""
         try:
             root = safefs.walk(self.trusted, self.below, self.owner, create=True,
-                               group=self.group)
+                               group=self.group, make_trusted=not self.home)
         except UnsafeEntry as exc:
             raise MaildropError(self._refused(exc)) from None
+        except FileNotFoundError as exc:
+            if not self.home or os.path.isdir(self.trusted):
+                raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+            raise MaildropError(f"home {escaped(self.trusted)} does not exist: not made by the"
+                                " server (it would belong to root); login refused") from None
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
         try:

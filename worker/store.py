@@ -73,8 +73,12 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         return Mbox(path, settings.wastebasket, settings.purge_reclaim, sizing)
     # The account's ids: the users file's fields, NSS's for system accounts; None: the
     # Maildir's own (worker.maildir, issue 12).
+    # A home is made by useradd -m or pam_mkhomedir, never by us: an account with a uid (system,
+    # or a users file entry that has one) whose home is missing is refused (review 2 item 10).
+    uid = _number(account.uid)
     return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing,
-                   _number(account.uid), _number(account.gid))
+                   uid, _number(account.gid),
+                   home=location.template.startswith("~") and uid is not None)
 
 
 def _number(field: str) -> int | None:
