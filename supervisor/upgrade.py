@@ -195,7 +195,9 @@ class Upgrades:
         return True
 
     def hand_over(self, message: str) -> None:
-        """SPAWNED -> HANDED_OVER: stop accepting (the sockets stay open in the new one)."""
+        """SPAWNED -> HANDED_OVER: stop accepting (the sockets stay open in the new one). The
+        drain begins once the connections still waiting for their PROXY header are settled:
+        they were accepted here, so they go to our workers, not refused (review 2 item 5)."""
         pid = self.successor.pid
         self._forget_successor()
         self.handed_over = True
@@ -203,7 +205,13 @@ class Upgrades:
         alive = sum(1 for w in self.workers if w.pid)
         log.info("upgrade: new supervisor %d serves (%s); this one (%d) stopped accepting and "
                  "drains the sessions of its %d workers", pid, message, os.getpid(), alive)
-        self.begin_stop(0)  # the old generation's sessions end on their own (-timeout bounds)
+        self.drain_when_settled()
+
+    def drain_when_settled(self) -> None:
+        """After the hand-over, each loop turn: drain once no accepted connection waits for
+        its header (each waits HEADER_SECONDS at most)."""
+        if self.handed_over and not self.stopping and not self.intake.pending:
+            self.begin_stop(0)  # the old generation's sessions end on their own (-timeout)
 
     def upgrade_failed(self, why: str, reaped: bool = False) -> None:
         """SPAWNED -> SERVING: stop the new one (unless reaped: its pid is free for reuse) and
@@ -218,7 +226,8 @@ class Upgrades:
         log.error("upgrade failed: new supervisor %d: %s; this one serves on", pid, why)
 
     def upgrade_turn(self) -> None:
-        """Each loop turn: the old side's deadline; the new side's readiness."""
+        """Each loop turn: the old side's deadline and drain; the new side's readiness."""
+        self.drain_when_settled()
         if self.successor is not None and time.monotonic() > self.successor.deadline:
             if not self.successor.ended:
                 self.successor_spoke()  # an "ok" that came with the deadline wins

@@ -244,3 +244,61 @@ def test_trickling_scraper_does_not_stall_the_hand_over(start_server, tmp_path):
         trickler.join(10)
         if new:
             _stop_new_generation(new)
+
+
+class SlowProxyClients(threading.Thread):
+    """Opens a connection every ``every`` seconds whose PROXY v1 header arrives in two parts,
+    ``hold`` seconds apart (well within the 3 s header deadline); keeps every greeting."""
+
+    def __init__(self, port: int, every: float = 0.25, hold: float = 1.2):
+        super().__init__(daemon=True)
+        self.port, self.every, self.hold = port, every, hold
+        self.done = threading.Event()
+        self.greetings: list[bytes] = []
+        self.clients: list[threading.Thread] = []
+
+    def run(self) -> None:
+        for _ in range(int(LOOP_LIMIT_SECONDS / self.every)):
+            if self.done.wait(self.every):
+                break
+            client = threading.Thread(target=self.session, daemon=True)
+            client.start()
+            self.clients.append(client)
+        for client in self.clients:
+            client.join(30)
+
+    def session(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 ")
+                time.sleep(self.hold)  # the header is still in flight at the hand-over
+                sock.sendall(b"110\r\n")
+                greeting = sock.makefile("rb").readline()
+                if greeting.startswith(b"+OK"):
+                    sock.sendall(b"QUIT\r\n")
+                self.greetings.append(greeting)
+        except OSError as exc:
+            self.greetings.append(f"{type(exc).__name__}: {exc}".encode())
+
+
+def test_upgrade_hands_connections_with_a_header_in_flight_to_workers(start_server):
+    """-proxy-protocol: connections the old supervisor accepted whose PROXY header is still
+    arriving at the hand-over are served by its workers, not answered "shutting down"."""
+    server = start_server("-proxy-protocol", "-trusted-networks", "127.0.0.0/8")
+    clients = SlowProxyClients(server.port)
+    clients.start()
+    new = 0
+    try:
+        assert wait_until(lambda: len(clients.greetings) >= 3, timeout=30)
+        server.signal(signal.SIGUSR2)
+        new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60).group(1))
+        count = len(clients.clients)
+        assert wait_until(lambda: len(clients.greetings) >= count + 8, timeout=60)
+    finally:
+        clients.done.set()
+        clients.join(60)
+        if new:
+            _stop_new_generation(new)
+    refused = [g for g in clients.greetings if not g.startswith(b"+OK")]
+    assert not refused, refused[:5]
+    assert server.wait_exit(60) == 0
