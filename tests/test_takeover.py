@@ -307,7 +307,9 @@ def test_stamp_naming_a_foreign_listener_is_not_believed(start_server):
 
 
 SQUAT_NEXT_PIDS = """
-import socket, sys
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a descriptor per name
 first, count = int(sys.argv[1]), int(sys.argv[2])
 held = []
 for pid in range(first, first + count):
