@@ -462,6 +462,8 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
             if pid in self.undead:
                 self.undead_reaped(pid)
                 continue
+            if self.successor_reaped(pid, status):  # an upgrade's new supervisor
+                continue
             worker = next((w for w in self.workers if w.pid == pid), None)
             if worker is not None:
                 self.worker_exited(worker, status)

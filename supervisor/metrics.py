@@ -1,18 +1,21 @@
 """Prometheus figures (``-metrics ADDR:PORT``), read from the shared statistics area.
 
 The figures are the ones XTND STATS shows (shared/statsreport.collect on the same slots), so the
-two always agree. A small HTTP server answers ``GET /metrics`` from one thread of the supervisor:
-it only reads shared memory and a snapshot of the worker states, so a slow or stuck scraper never
-holds up the loop that accepts connections. prometheus-client renders the exposition: its text
-format by default, OpenMetrics when the scraper's Accept header asks for it. No multiprocess
-directory (it piles up a file per worker ever started): the slots are the multiprocess store.
+two always agree. A small HTTP server answers ``GET /metrics`` from threads of the supervisor
+(MetricsServer): they only read shared memory and a snapshot of the worker states, so a slow or
+stuck scraper holds up neither the loop that accepts connections nor the other scrapes.
+prometheus-client renders the exposition: its text format by default, OpenMetrics when the
+scraper's Accept header asks for it. No multiprocess directory (it piles up a file per worker
+ever started): the slots are the multiprocess store.
 """
 
 from __future__ import annotations
 
 import http.server
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import exposition
@@ -24,7 +27,10 @@ from shared.logsetup import log
 from shared.stats import Counter, StatsArea
 from shared.version import VERSION
 
-REQUEST_TIMEOUT_SECONDS = 5.0  # a scraper that stops sending is dropped after this long
+REQUEST_TIMEOUT_SECONDS = 5.0    # a scraper that stops sending is dropped after this long...
+REQUEST_DEADLINE_SECONDS = 10.0  # ...and every scrape after this long, however it trickles
+MAX_SCRAPES = 8                  # requests served at once (a thread each); more are closed
+POLL_SECONDS = 0.25              # the accepting thread looks at stop() and deadlines this often
 # Every state a worker slot can be in (supervisor/workers.py WorkerState values), so each
 # iupop3_workers{state} series exists from the first scrape on.
 WORKER_STATES = ("starting", "running", "draining", "hung", "exited", "backoff", "fatal")
@@ -133,37 +139,92 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass  # a scrape every 15 s is not worth a log line
 
 
-class _Server(http.server.HTTPServer):
-    """HTTPServer on a socket bound (or inherited) elsewhere; one request at a time."""
-
-    def __init__(self, sock: socket.socket, registry: CollectorRegistry):
-        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-        self.registry = registry
-
-    def handle_error(self, request, client_address) -> None:
-        log.debug("metrics request from %s failed", client_address[0])
-
-
 class MetricsServer:
-    """The serving thread. ``stop`` ends it; the socket itself belongs to the caller."""
+    """The accepting thread and one short-lived thread per scrape (at most ``MAX_SCRAPES``).
+
+    Every request has a deadline for the whole exchange (``REQUEST_DEADLINE_SECONDS``, not per
+    read): a client that trickles a byte a second is cut off by the accepting thread, so it can
+    neither hold the other scrapes up nor keep a thread for long (review 2 item 2). ``stop``
+    only sets a flag: it never waits for a request in progress, because it runs in the
+    supervisor's loop (upgrade hand-over, stop under socket activation).
+    """
 
     def __init__(self, sock: socket.socket, area: StatsArea,
-                 worker_states: Callable[[], Mapping[str, int]]):
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(StatsCollector(area, worker_states))
-        # The socket stays non-blocking: during an upgrade two supervisors share it, and the
-        # one that loses the race for a connection must not wait in accept().
-        self.server = _Server(sock, registry)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.5,),
-                                       name="metrics", daemon=True)
+                 worker_states: Callable[[], Mapping[str, int]],
+                 deadline: float = REQUEST_DEADLINE_SECONDS):
+        self.registry = CollectorRegistry(auto_describe=False)  # read by _Handler as server
+        self.registry.register(StatsCollector(area, worker_states))
+        # Our own descriptor: the caller closes its copy right after stop(), while this thread
+        # may still be polling; a number reused meanwhile is never ours. It stays non-blocking:
+        # during an upgrade two supervisors share it, and the loser of a race must not wait.
+        self.sock = sock.dup()
+        self.sock.setblocking(False)
+        self.deadline = deadline
+        self.stopped = threading.Event()
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.lock = threading.Lock()
+        self.open: dict[socket.socket, float] = {}  # scrapes in progress -> their deadline
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
 
     def start(self) -> "MetricsServer":
         self.thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop answering (the thread ends within half a second)."""
-        if self.thread.is_alive():
-            self.server.shutdown()
+        """Stop accepting (within POLL_SECONDS); returns at once, whatever is in progress."""
+        self.stopped.set()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            try:
+                while not self.stopped.is_set():
+                    if selector.select(POLL_SECONDS):
+                        self._accept()
+                    self._cut_overdue()
+            finally:
+                self.sock.close()
+        # Stopped: scrapes still in progress keep their deadline, then are cut (bounded).
+        for _ in range(int(self.deadline / POLL_SECONDS) + 2):
+            if not self._cut_overdue():
+                return
+            time.sleep(POLL_SECONDS)
+
+    def _accept(self) -> None:
+        try:
+            conn, address = self.sock.accept()
+        except OSError:  # another generation took it, or out of descriptors: next turn
+            return
+        if not self.slots.acquire(blocking=False):
+            log.debug("metrics request from %s: %d scrapes in progress; closed", address[0],
+                      MAX_SCRAPES)
+            conn.close()
+            return
+        with self.lock:
+            self.open[conn] = time.monotonic() + self.deadline
+        threading.Thread(target=self._answer, args=(conn, address), name="metrics-request",
+                         daemon=True).start()
+
+    def _answer(self, conn: socket.socket, address) -> None:
+        try:
+            _Handler(conn, address, self)
+        except Exception:  # a cut-off or broken client: nothing to tell anyone
+            log.debug("metrics request from %s failed", address[0])
+        finally:
+            with self.lock:  # under the lock: _cut_overdue never shuts a closed socket
+                del self.open[conn]
+                conn.close()
+            self.slots.release()
+
+    def _cut_overdue(self) -> int:
+        """Shut the connections past their deadline (their thread then ends); returns how
+        many scrapes are still in progress."""
+        now = time.monotonic()
+        with self.lock:
+            for conn, deadline in self.open.items():
+                if deadline <= now:
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            return len(self.open)

@@ -52,10 +52,19 @@ class Handover:
             return None
         fields = dict(part.partition("=")[::2] for part in text.split(","))
         try:
-            return cls(int(fields["ready"]), int(fields["pidfile"]), int(fields["stats"]),
-                       int(fields["from"]), fields.get("held") == "1")
+            handover = cls(int(fields["ready"]), int(fields["pidfile"]), int(fields["stats"]),
+                           int(fields["from"]), fields.get("held") == "1")
         except (KeyError, ValueError):
             return None
+        # Close-on-exec at once: workers start before these are taken over or closed, and a
+        # worker holding the pid file (its flock) or the ready pipe outlives us (review 2 #3).
+        for fd in (handover.ready_fd, handover.pidfile_fd, handover.stats_fd):
+            if fd >= 0:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass  # not open: whoever uses it reports that
+        return handover
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Successor:
     word_fd: int          # read end of the pipe the new supervisor answers on
     deadline: float
     heard: bytes = b""
+    ended: bool = False   # EOF on the pipe: it is exiting; the reap says how (no signal then)
 
 
 def spawn_successor(listening: activation.Listening, pidfile_fd: int,
@@ -149,7 +159,9 @@ class Upgrades:
                  "workers are ready", self.successor.pid)
 
     def successor_spoke(self) -> None:
-        """The new one's word: "ok ..." (it serves now: we drain) or an error, or EOF."""
+        """The new one's word: "ok ..." (it serves now: we drain); an error or EOF means it is
+        exiting, and its reap (successor_reaped) settles the upgrade, so that no signal is
+        ever sent to a pid that may have been reaped and reused (review 2 item 3)."""
         successor = self.successor
         try:
             chunk = os.read(successor.word_fd, 4096)
@@ -162,10 +174,30 @@ class Upgrades:
         if status == "ok":
             self.hand_over(message)
         else:
-            self.upgrade_failed(message or "it exited before it was ready")
+            successor.ended = True
+            self._close_word()
+
+    def successor_reaped(self, pid: int, status: int) -> bool:
+        """For reap_workers: True if ``pid`` was the new supervisor, which is settled now."""
+        successor = self.successor
+        if successor is None or pid != successor.pid:
+            return False
+        if not successor.ended:  # what it said before it died (even "ok": it serves no more)
+            try:
+                successor.heard += os.read(successor.word_fd, 4096)
+            except OSError:
+                pass
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exited with status {os.waitstatus_to_exitcode(status)}")
+        said = successor.heard.decode(errors="replace").strip()
+        self.upgrade_failed(f"{said} ({how})" if said else f"{how} before it was ready",
+                            reaped=True)
+        return True
 
     def hand_over(self, message: str) -> None:
-        """SPAWNED -> HANDED_OVER: stop accepting (the sockets stay open in the new one)."""
+        """SPAWNED -> HANDED_OVER: stop accepting (the sockets stay open in the new one). The
+        drain begins once the connections still waiting for their PROXY header are settled:
+        they were accepted here, so they go to our workers, not refused (review 2 item 5)."""
         pid = self.successor.pid
         self._forget_successor()
         self.handed_over = True
@@ -173,22 +205,34 @@ class Upgrades:
         alive = sum(1 for w in self.workers if w.pid)
         log.info("upgrade: new supervisor %d serves (%s); this one (%d) stopped accepting and "
                  "drains the sessions of its %d workers", pid, message, os.getpid(), alive)
-        self.begin_stop(0)  # the old generation's sessions end on their own (-timeout bounds)
+        self.drain_when_settled()
 
-    def upgrade_failed(self, why: str) -> None:
-        """SPAWNED -> SERVING: stop the new one (if alive) and go on as before."""
+    def drain_when_settled(self) -> None:
+        """After the hand-over, each loop turn: drain once no accepted connection waits for
+        its header (each waits HEADER_SECONDS at most)."""
+        if self.handed_over and not self.stopping and not self.intake.pending:
+            self.begin_stop(0)  # the old generation's sessions end on their own (-timeout)
+
+    def upgrade_failed(self, why: str, reaped: bool = False) -> None:
+        """SPAWNED -> SERVING: stop the new one (unless reaped: its pid is free for reuse) and
+        go on as before."""
         pid = self.successor.pid
         self._forget_successor()
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        if not reaped:
+            try:
+                os.kill(pid, signal.SIGTERM)  # our child, not reaped yet: still that process
+            except ProcessLookupError:
+                pass
         log.error("upgrade failed: new supervisor %d: %s; this one serves on", pid, why)
 
     def upgrade_turn(self) -> None:
-        """Each loop turn: the old side's deadline; the new side's readiness."""
+        """Each loop turn: the old side's deadline and drain; the new side's readiness."""
+        self.drain_when_settled()
         if self.successor is not None and time.monotonic() > self.successor.deadline:
-            self.upgrade_failed(f"not ready in {READY_TIMEOUT_SECONDS:.0f}s")
+            if not self.successor.ended:
+                self.successor_spoke()  # an "ok" that came with the deadline wins
+            if self.successor is not None:
+                self.upgrade_failed(f"not ready in {READY_TIMEOUT_SECONDS:.0f}s")
         if self.awaiting_workers and all(w.ready for w in self.workers):
             self.awaiting_workers = False
             self.register_listeners()  # only now: connections go to ready workers only
@@ -196,9 +240,14 @@ class Upgrades:
                 self.on_ready(f"pid {os.getpid()} took over from pid {self.handover.old_pid}")
 
     def _forget_successor(self) -> None:
-        self.selector.unregister(self.successor.word_fd)
-        os.close(self.successor.word_fd)
+        self._close_word()
         self.successor = None
+
+    def _close_word(self) -> None:
+        if self.successor.word_fd >= 0:
+            self.selector.unregister(self.successor.word_fd)
+            os.close(self.successor.word_fd)
+            self.successor.word_fd = -1
 
     def stop_accepting(self) -> None:
         """Close our copies of the listening sockets: new connections queue for whoever else

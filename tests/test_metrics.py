@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import statsreport
-from shared.stats import Counter
+from shared.stats import Counter, StatsArea
 from supervisor import metrics
 from tests.conftest import ROOT, USERS, assert_healthy
 from tests.processes import wait_until
@@ -152,6 +153,119 @@ def test_a_stuck_scraper_does_not_hold_up_pop3(start_server, tmp_path):
             client.quit()
     finally:
         stuck.close()
+
+
+class Trickler(threading.Thread):
+    """A slow-loris scraper: a request line, then one header byte every ``pause`` seconds
+    until told to stop, cut off by the server, or ``limit`` seconds have passed."""
+
+    def __init__(self, port: int, pause: float = 0.5, limit: float = 40.0):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.pause, self.limit = pause, limit
+        self.sent = 0
+        self.cut = threading.Event()   # the server closed or reset the connection
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            for _ in range(int(self.limit / self.pause)):
+                if self.done.wait(self.pause):
+                    return
+                self.sock.sendall(b"a")
+                self.sent += 1
+                self.sock.setblocking(False)  # (a timeout socket would wait in recv)
+                try:
+                    if self.sock.recv(1) == b"":
+                        self.cut.set()
+                        return
+                except BlockingIOError:
+                    pass
+                finally:
+                    self.sock.settimeout(10)
+        except OSError:
+            self.cut.set()
+        finally:
+            self.sock.close()
+
+
+@pytest.fixture
+def bare_metrics():
+    """Factory: a MetricsServer on a real loopback socket over a real statistics area;
+    returns (server, port)."""
+    area = StatsArea.create(3, int(time.time()))
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    servers = []
+
+    def start(**options) -> tuple[metrics.MetricsServer, int]:
+        servers.append(metrics.MetricsServer(sock, area, lambda: {"running": 1},
+                                             **options).start())
+        return servers[-1], sock.getsockname()[1]
+
+    yield start
+    for server in servers:
+        server.stop()
+    sock.close()
+    area.close()
+
+
+def test_a_trickling_scraper_holds_up_neither_scrapes_nor_stop(bare_metrics):
+    """A client sending a byte every half second: a concurrent scrape is answered, and stop()
+    (called from the supervisor's loop) returns at once, not when the trickle ends (40 s)."""
+    server, port = bare_metrics()
+    trickler = Trickler(port)
+    trickler.start()
+    try:
+        assert wait_until(lambda: trickler.sent >= 2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert "iupop3_build_info" in reply.read().decode()
+        assert not trickler.cut.is_set()  # still trickling: the scrape did not wait for it
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+        assert took < 3.0, f"stop() took {took:.1f}s"  # the trickle would end after 40 s
+    finally:
+        trickler.done.set()
+        trickler.join(10)
+
+
+def test_every_scrape_has_a_deadline_for_the_whole_request(bare_metrics):
+    """However steadily a client trickles, it is cut off once the request deadline passes."""
+    _, port = bare_metrics(deadline=1.0)
+    trickler = Trickler(port, pause=0.2)
+    trickler.start()
+    try:
+        assert wait_until(trickler.cut.is_set, timeout=20), f"still open, {trickler.sent} sent"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        trickler.done.set()
+        trickler.join(10)
+
+
+def test_scrapes_in_progress_are_bounded(bare_metrics):
+    """MAX_SCRAPES silent clients hold a thread each; one more is closed at once, not queued
+    behind them with a thread of its own."""
+    before = sum(t.name == "metrics-request" for t in threading.enumerate())
+    _, port = bare_metrics()
+    stuck = [socket.create_connection(("127.0.0.1", port), timeout=10)
+             for _ in range(metrics.MAX_SCRAPES + 1)]
+    try:
+        def closed(sock: socket.socket) -> bool:
+            sock.setblocking(False)  # a timeout socket would wait in recv despite DONTWAIT
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:
+                return False
+        assert wait_until(lambda: any(closed(s) for s in stuck), timeout=5)
+        assert sum(closed(s) for s in stuck) == 1
+        requests = sum(t.name == "metrics-request" for t in threading.enumerate())
+        assert requests <= metrics.MAX_SCRAPES + before  # (earlier tests' may still end)
+    finally:
+        for sock in stuck:
+            sock.close()
 
 
 def test_bad_metrics_address_is_one_line_and_exit_2(tmp_path):

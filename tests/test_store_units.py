@@ -202,6 +202,28 @@ def test_factory_passes_the_accounts_uid_and_gid(tmp_path):
     assert (drop.owner, drop.group) == (None, None)
 
 
+@pytest.mark.parametrize("uid", ["1234", ""])
+def test_a_missing_home_is_made_only_for_accounts_without_a_uid(tmp_path, uid):
+    """A users-file account with a uid whose home is missing is refused and no home is made (it
+    would be root's); one without a uid (the one mail user owns everything) gets it made."""
+    class Settings:
+        mail = "maildir:~/Maildir"
+        wastebasket = store.WASTEBASKET
+        purge_reclaim = False
+
+    home = tmp_path / "home" / "alice"
+    drop = store.open_maildrop(Settings, Account("alice", "x", uid=uid, home=str(home)),
+                               store.PLAIN)
+    if uid:
+        with pytest.raises(store.MaildropError, match="does not exist: not made"):
+            drop.lock()
+        assert not home.exists() and not (tmp_path / "home").exists()
+    else:
+        drop.lock()
+        drop.unlock()
+        assert (home / "Maildir" / "cur").is_dir()
+
+
 def _ids(path) -> tuple[int, int, int]:
     st = os.lstat(path)
     return st.st_uid, st.st_gid, st.st_mode & 0o7777

@@ -11,6 +11,7 @@ import os
 import poplib
 import pwd
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -49,6 +50,8 @@ def site(request):
         run("chage", "-E", "0", made.users["exp"])
         made.add_user("nol", "-s", "/usr/sbin/nologin", "-G", made.group)
         made.add_user("out", "-s", "/bin/bash")
+        made.add_user("nohome", *member)
+        shutil.rmtree(pwd.getpwnam(made.users["nohome"]).pw_dir)  # useradd without -m, LDAP
         made.install(Path("/etc/pam.d") / f"{PREFIX}{made.suffix}", PAM_EXAMPLE)
         yield made
 
@@ -123,6 +126,22 @@ def test_system_user_logs_in_and_owns_what_the_server_makes(site, servers, sourc
 
 
 @pytest.mark.parametrize("source", SOURCES)
+def test_missing_home_is_refused_not_made_as_root(site, servers, source):
+    """A system account whose home does not exist gets the maildrop -ERR and an ERROR line
+    saying why; the server makes no home (it would be root's and lock the user out)."""
+    server, name = servers[source], site.users["nohome"]
+    home = Path(pwd.getpwnam(name).pw_dir)
+    try:
+        reply = _refusal(server, name, site.passwords["nohome"])
+        assert reply == R.MAILDROP_UNAVAILABLE.encode()
+        server.wait_for(rf"user {name}: home {re.escape(str(home))} does not exist: not made")
+        assert not home.exists()
+    finally:
+        if home.exists():  # the old behaviour: a root-owned home userdel -r may not remove
+            shutil.rmtree(home)
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_every_refusal_reads_the_same(site, servers, source):
     """Locked, expired, no-login shell, outside -allow-groups, wrong password and unknown user
     get the one ``-ERR [AUTH] ... not accessible``; only the log says why."""
@@ -141,7 +160,7 @@ def test_every_refusal_reads_the_same(site, servers, source):
     for role, (user, _) in tries.items():
         server.wait_for(rf"login of {user} refused: .*{re.escape(reasons[role])}", start=mark)
         server.wait_for(rf"login failed for {user} from 127\.0\.0\.1 port", start=mark)
-    assert " ERROR " not in server.output
+    assert not [line for line in server.lines[mark:] if " ERROR " in line]
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -15,20 +15,34 @@ from tests.conftest import USERS
 from tests.test_mbox import read_all, spool_of
 from tests.test_mbox import sample as mbox_message
 from worker import replies as R
-from worker.takeover import make_stamp, parse_answer, parse_stamp
+from worker.takeover import (make_stamp, new_token, parse_answer, parse_stamp,
+                             socket_address)
 
 IDLE = "1"  # -takeover-idle in these tests: the holders are silent clients
 
 
+TOKEN = "0123456789abcdef" * 2
+
+
 def test_stamps_round_trip_and_junk_is_refused():
-    """A lock stamp names host, pid and session; anything else a user may write is None."""
-    stamp = parse_stamp(make_stamp("w2.17", 4242))
-    assert stamp is not None and (stamp.pid, stamp.session) == (4242, "w2.17")
-    good = make_stamp("w1.1", 99)
+    """A lock stamp names host, pid, socket token and session; anything else a user may write
+    (a version 1 stamp without token included) is None."""
+    stamp = parse_stamp(make_stamp("w2.17", TOKEN, 4242))
+    assert stamp is not None and (stamp.pid, stamp.token, stamp.session) == (4242, TOKEN,
+                                                                            "w2.17")
+    good = make_stamp("w1.1", TOKEN, 99)
     for junk in (b"", good[:-1], good + b"x", good.replace(b" 99 ", b" 0 "),
                  good.replace(b" 99 ", b" -9 "), good.replace(b" 99 ", b" 12345678901 "),
-                 good.replace(b"w1.1", b"w" * 40), b"\x00" * 50, good.replace(b"1 ", b"2 ", 1)):
+                 good.replace(b"w1.1", b"w" * 40), b"\x00" * 50, good.replace(b"2 ", b"1 ", 1),
+                 good.replace(TOKEN.encode(), b"A" * 32), good.replace(TOKEN.encode(), b"0" * 31),
+                 good.replace(f" {TOKEN}".encode(), b"")):
         assert parse_stamp(junk) is None, junk
+
+
+def test_takeover_socket_names_are_not_predictable():
+    """Two tokens differ and a socket name holds the token, not the pid."""
+    assert new_token() != new_token() and len(new_token()) == 32
+    assert socket_address(TOKEN) == b"\0iupop3-takeover-" + TOKEN.encode()
 
 
 def test_answers_are_parsed_strictly():
@@ -189,10 +203,11 @@ def test_forged_stamp_cannot_end_another_users_session(start_server):
     alice = login(server)
     session, pid = session_of(server, bob.local_port)
     lock = server.maildir("alice") / ".iupop3.lock"
+    token = token_of(server, "bob")  # as alice could learn it where bob's lock is readable
     # As alice could where she can write the file (it lies in her own Maildir): assume so.
     with open(lock, "r+b") as fh:
         fh.truncate(0)
-        fh.write(make_stamp(session, pid))
+        fh.write(make_stamp(session, token, pid))
     mark = server.mark()
     again = login(server)
     assert again.reply == R.IN_USE.encode()
@@ -205,6 +220,13 @@ def test_forged_stamp_cannot_end_another_users_session(start_server):
 NOBODY = 65534
 
 
+def token_of(server, user: str) -> str:
+    """The takeover socket token in the stamp of ``user``'s held lock."""
+    stamp = parse_stamp((server.maildir(user) / ".iupop3.lock").read_bytes())
+    assert stamp is not None
+    return stamp.token
+
+
 def run_as_nobody(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(["/usr/bin/python3", "-c", code, *args], user=NOBODY,
                             group=NOBODY, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -215,7 +237,7 @@ REQUEST_AS_NOBODY = """
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(5)
-s.connect(b"\\0iupop3-takeover-" + sys.argv[1].encode())
+s.connect(b"\\0iupop3-takeover-" + sys.argv[1].encode())  # the token
 try:
     s.sendall(sys.argv[2].encode() + b"\\n")
     print(s.recv(100))
@@ -230,10 +252,10 @@ def test_request_from_another_user_ends_nothing(start_server):
     idle session and its lock file is refused by SO_PEERCRED: the session lives on."""
     server = start_server("-takeover-idle", IDLE)
     alice = login(server)
-    session, pid = session_of(server, alice.local_port)
+    session, _ = session_of(server, alice.local_port)
     st = os.stat(server.maildir("alice") / ".iupop3.lock")
     time.sleep(float(IDLE) + 0.2)  # idle long enough: only the sender's uid stops it
-    probe = run_as_nobody(REQUEST_AS_NOBODY, str(pid),
+    probe = run_as_nobody(REQUEST_AS_NOBODY, token_of(server, "alice"),
                           f"TAKEOVER {session} {st.st_dev} {st.st_ino} mallory")
     out, err = probe.communicate(timeout=10)
     assert out.strip() == b"b''", (out, err)  # closed without an answer
@@ -244,7 +266,7 @@ def test_request_from_another_user_ends_nothing(start_server):
 SQUATTER = """
 import socket, sys, os
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(b"\\0iupop3-takeover-%d" % os.getpid())
+s.bind(b"\\0iupop3-takeover-" + sys.argv[1].encode())
 s.listen(5)
 print("ready", flush=True)
 s.settimeout(8)
@@ -266,13 +288,14 @@ def test_stamp_naming_a_foreign_listener_is_not_believed(start_server):
     user, does not count it as a takeover, and waits out -lock-wait."""
     server = start_server("-takeover-idle", IDLE, "-lock-wait", "1")
     alice = login(server)
-    squatter = run_as_nobody(SQUATTER)
+    token = new_token()
+    squatter = run_as_nobody(SQUATTER, token)
     try:
         assert squatter.stdout.readline() == b"ready\n"
         lock = server.maildir("alice") / ".iupop3.lock"
         with open(lock, "r+b") as fh:
             fh.truncate(0)
-            fh.write(make_stamp("w1.1", squatter.pid))
+            fh.write(make_stamp("w1.1", token, squatter.pid))
         again = login(server)
         assert again.reply == R.IN_USE.encode()
         server.wait_for(r"lock holder w1\.1: UNREACHABLE .*is not a worker's")
@@ -281,3 +304,47 @@ def test_stamp_naming_a_foreign_listener_is_not_believed(start_server):
     finally:
         squatter.kill()
         squatter.communicate()
+
+
+SQUAT_NEXT_PIDS = """
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a descriptor per name
+first, count = int(sys.argv[1]), int(sys.argv[2])
+held = []
+for pid in range(first, first + count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(b"\\0iupop3-takeover-%d" % pid)
+    except OSError:
+        s.close()
+        continue
+    held.append(s)
+print("ready", len(held), flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+SQUAT_COUNT = 3000  # pids taken ahead: far more than the machine starts while the server does
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the squatter as another user")
+def test_squatted_pid_names_do_not_turn_takeover_off(start_server):
+    """A local user binds the takeover socket names of the next few thousand pids before the
+    server starts: its workers still listen (random names) and an idle holder is taken over."""
+    with open("/proc/sys/kernel/ns_last_pid") as fh:
+        first = int(fh.read()) + 1
+    squatter = subprocess.Popen(["/usr/bin/python3", "-c", SQUAT_NEXT_PIDS, str(first),
+                                 str(SQUAT_COUNT)], user=NOBODY, group=NOBODY,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+    try:
+        assert squatter.stdout.readline().startswith(b"ready")
+        server = start_server("-takeover-idle", IDLE)
+        assert any(first <= pid < first + SQUAT_COUNT for pid in server.worker_pids().values())
+        holder = login(server)
+        assert holder.reply.startswith(b"+OK")
+        newcomer = login(server)
+        assert newcomer.reply == R.LOGIN_OK.encode()
+        assert ended_by_takeover(holder)
+        assert "lock takeover unavailable" not in server.output
+    finally:
+        squatter.stdin.close()
+        squatter.wait(10)

@@ -167,3 +167,138 @@ def test_failed_upgrade_keeps_the_old_supervisor_serving(start_server, tmp_path)
     new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60, start=mark).group(1))
     assert server.wait_exit(60) == 0
     _stop_new_generation(new)
+
+
+def _fds_naming(pid: int, path: str) -> list[str]:
+    """The descriptors of process ``pid`` that are open on ``path``."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                found.append(fd)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_new_generation_workers_inherit_no_handover_descriptor(start_server, tmp_path):
+    """After an upgrade with -pidfile and -metrics, no worker of the new generation holds the
+    pid file (its flock would outlive the supervisor) or the old one's ready pipe."""
+    pidfile = tmp_path / "iupop3.pid"
+    server = start_server("-pidfile", str(pidfile), "-metrics", "127.0.0.1:0", "-workers", "2")
+    old_workers = set(server.worker_pids().values())
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60, start=mark).group(1))
+    try:
+        workers = set(server.worker_pids().values()) - old_workers
+        assert len(workers) == 2 and all(alive(pid) for pid in workers)
+        pipes = []
+        for pid in workers:
+            assert _fds_naming(pid, str(pidfile)) == [], f"worker {pid} holds the pid file"
+            links = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}")
+                     for fd in os.listdir(f"/proc/{pid}/fd")}
+            stdio = {links.get(fd) for fd in (0, 1, 2)}
+            pipes.append({link for link in links.values()
+                          if link.startswith("pipe:") and link not in stdio})
+        # A worker's own pipes are its own; one both hold came from the supervisor's exec.
+        assert not set.intersection(*pipes), f"pipes both workers hold: {pipes}"
+        assert _fds_naming(new, str(pidfile)) != []  # the new supervisor took it over
+    finally:
+        _stop_new_generation(new)
+
+
+def test_successor_killed_before_ready_is_settled_by_its_reap(start_server, tmp_path):
+    """A new supervisor killed before it is ready: the old one learns how it died from its
+    own reap (so it never signals that pid afterwards), keeps serving and its pid file."""
+    pidfile = tmp_path / "iupop3.pid"
+    server = start_server("-pidfile", str(pidfile), "-metrics", "127.0.0.1:0")
+    mark = server.mark()
+    server.signal(signal.SIGUSR2)
+    new = int(server.wait_for(r"new supervisor pid (\d+) started", 60, start=mark).group(1))
+    os.kill(new, signal.SIGKILL)
+    server.wait_for(rf"upgrade failed: new supervisor {new}: killed by signal 9 before it was"
+                    " ready; this one serves on", 60, start=mark)
+    client = server.login("alice")
+    client.quit()
+    assert pidfile.read_text().strip() == str(server.proc.pid)
+
+
+def test_trickling_scraper_does_not_stall_the_hand_over(start_server, tmp_path):
+    """A metrics client sending a byte every half second during an upgrade: the old
+    supervisor still hands over and drains (its loop never waits on the scrape)."""
+    from tests.test_metrics import Trickler
+
+    server = start_server("-metrics", "127.0.0.1:0")
+    port = int(server.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+    trickler = Trickler(port, limit=90.0)
+    trickler.start()
+    new = 0
+    try:
+        assert wait_until(lambda: trickler.sent >= 2)
+        server.signal(signal.SIGUSR2)
+        new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60).group(1))
+        assert server.wait_exit(60) == 0
+    finally:
+        trickler.done.set()
+        trickler.join(10)
+        if new:
+            _stop_new_generation(new)
+
+
+class SlowProxyClients(threading.Thread):
+    """Opens a connection every ``every`` seconds whose PROXY v1 header arrives in two parts,
+    ``hold`` seconds apart (well within the 3 s header deadline); keeps every greeting."""
+
+    def __init__(self, port: int, every: float = 0.25, hold: float = 1.2):
+        super().__init__(daemon=True)
+        self.port, self.every, self.hold = port, every, hold
+        self.done = threading.Event()
+        self.greetings: list[bytes] = []
+        self.clients: list[threading.Thread] = []
+
+    def run(self) -> None:
+        for _ in range(int(LOOP_LIMIT_SECONDS / self.every)):
+            if self.done.wait(self.every):
+                break
+            client = threading.Thread(target=self.session, daemon=True)
+            client.start()
+            self.clients.append(client)
+        for client in self.clients:
+            client.join(30)
+
+    def session(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 ")
+                time.sleep(self.hold)  # the header is still in flight at the hand-over
+                sock.sendall(b"110\r\n")
+                greeting = sock.makefile("rb").readline()
+                if greeting.startswith(b"+OK"):
+                    sock.sendall(b"QUIT\r\n")
+                self.greetings.append(greeting)
+        except OSError as exc:
+            self.greetings.append(f"{type(exc).__name__}: {exc}".encode())
+
+
+def test_upgrade_hands_connections_with_a_header_in_flight_to_workers(start_server):
+    """-proxy-protocol: connections the old supervisor accepted whose PROXY header is still
+    arriving at the hand-over are served by its workers, not answered "shutting down"."""
+    server = start_server("-proxy-protocol", "-trusted-networks", "127.0.0.0/8")
+    clients = SlowProxyClients(server.port)
+    clients.start()
+    new = 0
+    try:
+        assert wait_until(lambda: len(clients.greetings) >= 3, timeout=30)
+        server.signal(signal.SIGUSR2)
+        new = int(server.wait_for(r"upgrade: new supervisor (\d+) serves", 60).group(1))
+        count = len(clients.clients)
+        assert wait_until(lambda: len(clients.greetings) >= count + 8, timeout=60)
+    finally:
+        clients.done.set()
+        clients.join(60)
+        if new:
+            _stop_new_generation(new)
+    refused = [g for g in clients.greetings if not g.startswith(b"+OK")]
+    assert not refused, refused[:5]
+    assert server.wait_exit(60) == 0

@@ -105,7 +105,8 @@ class Maildir:
 
     def __init__(self, where: str | tuple[str, tuple[str, ...]], wastebasket: str = WASTEBASKET,
                  purge: bool = False, sizing: Sizing = PLAIN, owner: int | None = None,
-                 group: int | None = None, uidl_format: str = migration.DEFAULT_FORMAT):
+                 group: int | None = None, uidl_format: str = migration.DEFAULT_FORMAT,
+                 home: bool = False):
         self.trusted, self.below = (where, ()) if isinstance(where, str) else where
         self.path = os.path.join(self.trusted, *self.below)
         self.sizing = sizing
@@ -115,6 +116,7 @@ class Maildir:
         self.ledger = Ledger(ledgers.sizing_fingerprint(sizing), fresh=True)
         self.imported: migration.Imported = {}
         self._positions: dict[str, int] = {}
+        self.home = home  # ``trusted`` is the account's home: never made here (safefs.walk)
         self.wastebasket = wastebasket
         self.purge = purge
         self._root_fd: int | None = None
@@ -129,9 +131,14 @@ class Maildir:
         dies with the process that holds it."""
         try:
             root = safefs.walk(self.trusted, self.below, self.owner, create=True,
-                               group=self.group)
+                               group=self.group, make_trusted=not self.home)
         except UnsafeEntry as exc:
             raise MaildropError(self._refused(exc)) from None
+        except FileNotFoundError as exc:
+            if not self.home or os.path.isdir(self.trusted):
+                raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
+            raise MaildropError(f"home {escaped(self.trusted)} does not exist: not made by the"
+                                " server (it would belong to root); login refused") from None
         except OSError as exc:
             raise MaildropError(f"cannot open maildrop {self.path}: {exc.strerror}") from None
         try:

@@ -147,7 +147,7 @@ def open_or_create(parent: int, name: str, owner: Owner | None, flags: int = os.
 
 
 def walk(trusted: str, below: tuple[str, ...], owner: int | None, create: bool,
-         group: int | None = None) -> int:
+         group: int | None = None, make_trusted: bool = True) -> int:
     """A descriptor of ``trusted/below...``: ``trusted`` is opened as the administrator wrote it
     (or as the users file gives the home), each component below without following symlinks.
 
@@ -155,9 +155,11 @@ def walk(trusted: str, below: tuple[str, ...], owner: int | None, create: bool,
     followed when the link and the directory it leads to both belong to the account (``owner``,
     or when that is unknown the owner of the directory holding the link). A component made
     here (a Maildir at first login) gets ``owner`` and ``group``, where unknown those of the
-    directory it is made in, and mode ``MODE``.
+    directory it is made in, and mode ``MODE``. ``trusted`` itself is made (by path, as the
+    server's user) only with ``make_trusted``: never an account's home, which made here would
+    belong to root and lock its user out (review 2 item 10); FileNotFoundError then.
     """
-    if create and not os.path.isdir(trusted):
+    if create and make_trusted and not os.path.isdir(trusted):
         os.makedirs(trusted, mode=MODE, exist_ok=True)  # the administrator's part: by path
     fd = os.open(trusted, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -92,12 +92,14 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
         raise MaildropError(str(exc)) from None
     # The account's ids: the users file's fields, NSS's for system accounts; None: the
     # Maildir's own (worker.maildir, issue 12).
+    # A home is made by useradd -m or pam_mkhomedir, never by us: an account with a uid (system,
+    # or a users file entry that has one) whose home is missing is refused (review 2 item 10).
     uid, gid = _number(account.uid), _number(account.gid)
     if location.kind == "mbox":
         return Mbox((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, uid,
                     settings.mbox_ledger_dir)
     return Maildir((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, uid, gid,
-                   settings.uidl_format)
+                   settings.uidl_format, home=location.template.startswith("~") and uid is not None)
 
 
 def _number(field: str) -> int | None:

@@ -1,7 +1,7 @@
 """Lock takeover, the login's half: wait for a held maildrop, or ask its idle holder to go.
 
 A session that holds a maildrop's lock stamps the lock file with who it is (this host, its
-worker's pid, its session id). A login that finds the lock held reads the stamp and asks that
+worker's pid, the random token in its worker's socket name, its session id). A login that finds the lock held reads the stamp and asks that
 worker, over the worker's takeover socket (worker.takeoverdesk), to end the session; only the
 holder decides whether its session is idle enough, so a stamp the maildrop's user forged can
 name no session but one that holds this very lock file. Called by worker.pop3 at login; the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import socket
 import struct
 import time
@@ -31,8 +32,9 @@ MAX_PAUSE = 0.2
 RETRY_ASK = 1.0       # a holder that could not be asked, or is in UPDATE: ask again after this
 MAX_TURNS = 100_000   # a bound on the wait loop beside its deadline
 REPLY_MAX = 64
-_STAMP = re.compile(rb"iupop3-session 1 ([\x21-\x7e]{1,64}) ([0-9]{1,10}) ([\x21-\x7e]{1,32})"
-                    rb" [0-9]{1,12}\n")
+TOKEN_BYTES = 16     # the random part of a takeover socket's name (32 hex digits)
+_STAMP = re.compile(rb"iupop3-session 2 ([\x21-\x7e]{1,64}) ([0-9]{1,10}) ([0-9a-f]{32})"
+                    rb" ([\x21-\x7e]{1,32}) [0-9]{1,12}\n")
 _ANSWER = re.compile(r"(ENDED|ACTIVE|UPDATE|UNKNOWN)(?: ([0-9]{1,7}(?:\.[0-9])?))?")
 _PEERCRED = struct.Struct("3i")
 
@@ -43,6 +45,7 @@ class Stamp:
 
     host: str
     pid: int
+    token: str     # names the worker's takeover socket (socket_address)
     session: str
 
 
@@ -57,16 +60,23 @@ class Answer:
     why: str = ""
 
 
-def socket_address(pid: int) -> bytes:
+def socket_address(token: str) -> bytes:
     """A worker's takeover socket: Linux abstract namespace, so no directory need be shared by
     the nodes of one host and no stale file outlives a worker; who listens is checked by
-    SO_PEERCRED on both sides, since any local user may bind an abstract name."""
-    return b"\0iupop3-takeover-%d" % pid
+    SO_PEERCRED on both sides, since any local user may bind an abstract name. The name holds
+    a random token, written in the stamps, not the pid: a user who could guess names could
+    bind those of future workers first and so turn takeover off (review 2 item 7)."""
+    return f"\0iupop3-takeover-{token}".encode()
 
 
-def make_stamp(session_id: str, pid: int | None = None) -> bytes:
+def new_token() -> str:
+    return secrets.token_hex(TOKEN_BYTES)
+
+
+def make_stamp(session_id: str, token: str, pid: int | None = None) -> bytes:
     pid = os.getpid() if pid is None else pid
-    return f"{STAMP_MAGIC} 1 {HOST} {pid} {session_id} {int(time.time())}\n".encode()
+    return (f"{STAMP_MAGIC} 2 {HOST} {pid} {token} {session_id} {int(time.time())}\n"
+            .encode())
 
 
 def parse_stamp(raw: bytes) -> Stamp | None:
@@ -74,8 +84,8 @@ def parse_stamp(raw: bytes) -> Stamp | None:
     match = _STAMP.fullmatch(raw)
     if match is None:
         return None
-    host, pid, session = (g.decode("ascii") for g in match.groups())
-    return Stamp(host, int(pid), session) if int(pid) > 0 else None
+    host, pid, token, session = (g.decode("ascii") for g in match.groups())
+    return Stamp(host, int(pid), token, session) if int(pid) > 0 else None
 
 
 def parse_answer(text: str) -> Answer:
@@ -102,7 +112,7 @@ def ask_holder(holder: LockHolder, requester: str) -> Answer:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(ASK_SECONDS)
     try:
-        sock.connect(socket_address(stamp.pid))
+        sock.connect(socket_address(stamp.token))
         pid, uid = peer_credentials(sock)
         if uid != os.geteuid() or pid != stamp.pid:
             return Answer("UNREACHABLE", why=f"socket of pid {pid} uid {uid} is not a worker's")
@@ -138,7 +148,8 @@ class LockWait:
     def run(self, user: str) -> list[Message]:
         """Lock and scan, waiting and taking over as the settings say; MaildropBusy at the end."""
         settings = self.ctx.settings
-        self.maildrop.stamp = make_stamp(self.session_id)
+        token = self.ctx.takeover.token  # None: this worker has no takeover socket to name
+        self.maildrop.stamp = make_stamp(self.session_id, token) if token else b""
         deadline = time.monotonic() + settings.lock_wait
         pause = FIRST_PAUSE
         for _ in range(MAX_TURNS):

@@ -10,6 +10,7 @@ so a line that arrives meanwhile either comes first (the session is active) or n
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket as stdsocket
@@ -22,12 +23,13 @@ import gevent.socket
 
 from shared.logsetup import log
 from worker.store import LockKey
-from worker.takeover import peer_credentials, socket_address
+from worker.takeover import new_token, peer_credentials, socket_address
 
 REQUEST_SECONDS = 2.0   # to read a request; the sender waits ASK_SECONDS for the whole exchange
 RELEASE_SECONDS = 2.0   # for an ended session to drop its lock before we answer ENDED anyway
 REQUEST_MAX = 200
 MAX_PENDING = 64        # requests served at once; more wait in the listen backlog
+BIND_TRIES = 8          # names tried (each a new random token) before giving takeover up
 _REQUEST = re.compile(r"TAKEOVER ([\x21-\x7e]{1,32}) ([0-9]{1,20}) ([0-9]{1,20}) ([ -~]{0,80})")
 
 
@@ -51,6 +53,7 @@ class TakeoverDesk:
         self.idle_needed = idle_needed
         self.holders: dict[str, Holder] = {}
         self.listener: gevent.socket.socket | None = None
+        self.token: str | None = None  # in this worker's stamps: names the socket (listen)
 
     def register(self, session_id: str, holder: Holder) -> None:
         self.holders[session_id] = holder
@@ -59,18 +62,25 @@ class TakeoverDesk:
         self.holders.pop(session_id, None)
 
     def listen(self) -> bool:
-        """Bind this worker's takeover socket; False (logged) if that is impossible."""
-        sock = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-        try:
-            sock.bind(socket_address(os.getpid()))
-            sock.listen(MAX_PENDING)
-        except OSError as exc:
-            sock.close()
-            log.error("lock takeover unavailable for this worker's sessions: %s",
-                      exc.strerror or exc)
-            return False
-        self.listener = sock
-        return True
+        """Bind this worker's takeover socket under a fresh random name, a new one for each
+        name already taken; False, with one ERROR, if no name can be bound."""
+        problem = "no name tried"
+        for _ in range(BIND_TRIES):
+            token = new_token()
+            sock = gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+            try:
+                sock.bind(socket_address(token))
+                sock.listen(MAX_PENDING)
+            except OSError as exc:
+                sock.close()
+                problem = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # 128 random bits taken: someone squats; try another name
+                break
+            self.listener, self.token = sock, token
+            return True
+        log.error("lock takeover unavailable for this worker's sessions: %s", problem)
+        return False
 
     def serve(self) -> None:
         """Accept requests until killed (worker.main runs this in its own greenlet)."""
