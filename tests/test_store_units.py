@@ -210,6 +210,8 @@ def test_a_missing_home_is_made_only_for_accounts_without_a_uid(tmp_path, uid):
         mail = "maildir:~/Maildir"
         wastebasket = store.WASTEBASKET
         purge_reclaim = False
+        uidl_format = settings_mod.BY_NAME["uidl_format"].default
+        mbox_ledger_dir = ""
 
     home = tmp_path / "home" / "alice"
     drop = store.open_maildrop(Settings, Account("alice", "x", uid=uid, home=str(home)),
