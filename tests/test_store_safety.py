@@ -12,7 +12,6 @@ import functools
 import os
 import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import sys

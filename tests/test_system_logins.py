@@ -8,7 +8,6 @@ root when CI is set or --system-accounts is given, and skip with the reason othe
 from __future__ import annotations
 
 import os
-import poplib
 import pwd
 import re
 import shutil
@@ -24,7 +23,7 @@ from conftest import ROOT, Server, sample, write_message
 from shared import accountsource
 from shared.accountsource import Verdict
 from shared.users import Account
-from systemaccounts import PREFIX, Site, run, system_site, why_not_system_accounts
+from systemaccounts import PREFIX, run, system_site, why_not_system_accounts
 from worker import replies as R
 from worker.accounts import Accounts
 
