@@ -3,6 +3,7 @@ users file's login_delay= / expire_days=, and the LOGIN-DELAY / EXPIRE decisions
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -207,3 +208,25 @@ def test_lock_and_scan_refuses_too_soon_unless_taking_over(tmp_path):
     third = Maildir(str(tmp_path / "box"))  # the lock was released: this one gets it
     assert len(store.lock_and_scan(third, 0, policy, took_over=True)) == 1
     third.unlock()
+
+
+def test_mbox_ledger_follows_the_walked_directory_not_a_swapped_path(tmp_path):
+    """The mbox ledger beside the spool is written in the directory the session walked: a
+    spool directory renamed and replaced by a symlink after login sends no write elsewhere."""
+    from worker.mbox import Mbox
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    (home / "mail").mkdir(parents=True)
+    elsewhere.mkdir()
+    (home / "mail" / "inbox").write_bytes(b"")
+    box = Mbox((str(home), ("mail", "inbox")), owner=os.getuid())
+    box.lock()
+    try:
+        (home / "mail").rename(home / "walked")
+        (home / "mail").symlink_to(elsewhere)
+        box.ledger.last_login, box.ledger.dirty = int(time.time()), True
+        assert box.save_ledger()
+    finally:
+        box.unlock()
+    assert list(elsewhere.iterdir()) == []
+    assert (home / "walked" / ".inbox.iupop3.ledger").is_file()

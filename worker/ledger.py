@@ -250,24 +250,39 @@ def spool_place(spool: str, state_dir: str) -> tuple[str, str]:
     return os.path.dirname(spool) or ".", f".{name}.iupop3.ledger"
 
 
-def _spool_folder(spool: str, state_dir: str) -> tuple[int, str, os.stat_result | None]:
-    """The ledger's folder (opened as the administrator wrote it: /var/mail may be a
-    symlink), the ledger's name, and the spool's lstat (None when missing)."""
+def _spool_folder(spool: str, state_dir: str, directory: int | None = None
+                  ) -> tuple[int, str, os.stat_result | None]:
+    """The ledger's folder, the ledger's name, and the spool's lstat (None when missing).
+
+    Beside the spool the folder is the spool directory the session walked (``directory``,
+    worker.mbox, duplicated: the caller closes its copy), so a component the user swaps for a
+    symlink after the walk cannot send root's write elsewhere; the state folder (and a
+    directory not given: tools, tests) is opened as the administrator wrote it (/var/mail may
+    be a symlink)."""
     folder_path, name = spool_place(spool, state_dir)
     if state_dir:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    folder = os.open(folder_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if directory is not None and not state_dir:
+        folder = os.dup(directory)
+        spool_name, where = os.path.basename(spool), {"dir_fd": directory}
+    else:
+        folder = os.open(folder_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        spool_name, where = spool, {}
     try:
-        return folder, name, os.lstat(spool)
+        return folder, name, os.lstat(spool_name, **where)
     except FileNotFoundError:
         return folder, name, None
+    except BaseException:
+        os.close(folder)
+        raise
 
 
-def load_for_spool(spool: str, state_dir: str, sizing: str) -> Ledger:
+def load_for_spool(spool: str, state_dir: str, sizing: str,
+                   directory: int | None = None) -> Ledger:
     """An mbox spool's ledger: beside it the spool owner's file or the server's own; in a
     state folder only the server's."""
     try:
-        folder, name, st = _spool_folder(spool, state_dir)
+        folder, name, st = _spool_folder(spool, state_dir, directory)
     except OSError as exc:
         log.info("ledger of %s not used (%s)", escaped(spool), exc.strerror)
         return Ledger(sizing, dirty=True, fresh=True)
@@ -278,12 +293,13 @@ def load_for_spool(spool: str, state_dir: str, sizing: str) -> Ledger:
         os.close(folder)
 
 
-def save_for_spool(spool: str, state_dir: str, ledger: Ledger) -> bool:
+def save_for_spool(spool: str, state_dir: str, ledger: Ledger,
+                   directory: int | None = None) -> bool:
     """Write an mbox spool's ledger; beside the spool it is given to the spool's owner."""
     if not ledger.dirty:
         return True
     try:
-        folder, name, st = _spool_folder(spool, state_dir)
+        folder, name, st = _spool_folder(spool, state_dir, directory)
     except OSError as exc:
         log.warning("ledger of %s not written: %s", escaped(spool), exc.strerror)
         return False

@@ -148,7 +148,7 @@ class Mbox:
         self.lock_key = (st.st_dev, st.st_ino)
         # left by a commit that crashed: the spool is whole
         _unlink_quietly(_name(self.new_path), self._dir_fd)
-        self.ledger = ledgers.load_for_spool(self.path, self.ledger_dir, "")
+        self.ledger = ledgers.load_for_spool(self.path, self.ledger_dir, "", self._dir_fd)
 
     def _walk(self) -> int:
         """The spool directory's descriptor (worker.safefs.walk); MaildropError if refused."""
@@ -177,7 +177,7 @@ class Mbox:
         return fd
 
     def save_ledger(self) -> bool:
-        return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger)
+        return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger, self._dir_fd)
 
     def unlock(self) -> None:
         if self._session_fd is not None:
