@@ -100,10 +100,11 @@ def run(args: list[str]) -> int:
 
 def test(args: list[str]) -> int:
     ensure_venv("test")
+    # No system service starts on install (fail2ban, prometheus, dovecot...): tests run
+    # private instances of what they need.
     missing = [pkg for tool, pkg in TEST_DEBIAN_PACKAGES.items() if not shutil.which(tool)]
-    apt_install(missing)
-    install_without_starting([pkg for path, pkg in DOVECOT_PACKAGES.items()
-                              if not os.path.exists(path)])
+    missing += [pkg for path, pkg in DOVECOT_PACKAGES.items() if not os.path.exists(path)]
+    install_without_starting(sorted(set(missing)))
     return subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
 
 
