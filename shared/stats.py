@@ -193,7 +193,7 @@ class StatsArea:
         17 x 16384 entries with 8 workers. Every step of the scan runs in C (a copy of the
         slot, a comparison with an empty one, an extended slice of the entries' first bytes,
         a regex for the used ones), so the Python work is per user logged in, not per entry
-        (review item 7: a per-entry loop took 270 ms a call with 8 workers).
+        (a per-entry loop took 270 ms a call with 8 workers).
         """
         names: list[str] = []
         for slot in range(self.nslots):

@@ -7,7 +7,7 @@ checked (a listening TCP socket, IPv4, IPv6 or dual-stack), made close-on-exec s
 holds a listener, and given its role: POP3, implicit TLS, metrics, or traffic behind a PROXY
 header (-proxy-listen, -proxy-tls-listen), by name or else by port. A proxy endpoint the
 settings name must be among them: served as plain POP3 it would take HAProxy's header for a
-command and count every client under the balancer's address (review 2 item 6).
+command and count every client under the balancer's address.
 """
 
 from __future__ import annotations

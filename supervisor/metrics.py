@@ -144,7 +144,7 @@ class MetricsServer:
 
     Every request has a deadline for the whole exchange (``REQUEST_DEADLINE_SECONDS``, not per
     read): a client that trickles a byte a second is cut off by the accepting thread, so it can
-    neither hold the other scrapes up nor keep a thread for long (review 2 item 2). ``stop``
+    neither hold the other scrapes up nor keep a thread for long. ``stop``
     only sets a flag: it never waits for a request in progress, because it runs in the
     supervisor's loop (upgrade hand-over, stop under socket activation).
     """

@@ -33,7 +33,7 @@ _NUMBERS = re.compile(r"\d+")
 
 class RefusalLog:
     """Refusals in the log without a line per connection: anyone who reaches a port that
-    expects a header can cause one refusal per SYN (review 2 item 9). The first of a reason
+    expects a header can cause one refusal per SYN. The first of a reason
     is logged at once; more within ``interval`` are counted and summed up in one line when it
     ends (``flush``, called by the supervisor's loop). A reason is the text with its numbers
     taken out, so a peer cannot invent new reasons by varying a length."""

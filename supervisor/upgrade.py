@@ -57,7 +57,7 @@ class Handover:
         except (KeyError, ValueError):
             return None
         # Close-on-exec at once: workers start before these are taken over or closed, and a
-        # worker holding the pid file (its flock) or the ready pipe outlives us (review 2 #3).
+        # worker holding the pid file (its flock) or the ready pipe outlives us.
         for fd in (handover.ready_fd, handover.pidfile_fd, handover.stats_fd):
             if fd >= 0:
                 try:
@@ -161,7 +161,7 @@ class Upgrades:
     def successor_spoke(self) -> None:
         """The new one's word: "ok ..." (it serves now: we drain); an error or EOF means it is
         exiting, and its reap (successor_reaped) settles the upgrade, so that no signal is
-        ever sent to a pid that may have been reaped and reused (review 2 item 3)."""
+        ever sent to a pid that may have been reaped and reused."""
         successor = self.successor
         try:
             chunk = os.read(successor.word_fd, 4096)
@@ -197,7 +197,7 @@ class Upgrades:
     def hand_over(self, message: str) -> None:
         """SPAWNED -> HANDED_OVER: stop accepting (the sockets stay open in the new one). The
         drain begins once the connections still waiting for their PROXY header are settled:
-        they were accepted here, so they go to our workers, not refused (review 2 item 5)."""
+        they were accepted here, so they go to our workers, not refused."""
         pid = self.successor.pid
         self._forget_successor()
         self.handed_over = True

@@ -14,7 +14,7 @@ the user is deferred instead (it waits its penalty, then ``-ERR [SYS/TEMP]``, no
 so a guesser cannot fill a user's queue ahead of the user's own login, and its checks hold
 only a provisional slot that a clean address's login takes over when it would otherwise wait
 past ``auth_delay_max`` (the guesser is then answered as deferred). No attempt ever waits
-longer than ``auth_delay_max``: one that would is deferred (review item 3: a queue of first
+longer than ``auth_delay_max``: one that would is deferred (a queue of first
 attempts from fresh addresses pushed a user's logins hours out). An address with
 ``auth_block`` recent failures is refused outright. A key that finds no entry in a full
 table is held back like the worst, but never blocked, counted or queued on the shared
@@ -112,7 +112,7 @@ class AuthGuard:
         at = table.entry(self.keys.address(address), now, since)
         if table.is_overflow(at):
             # Shared by every address that found no entry: never blocked or counted on (its
-            # sum would block every newcomer, review item 3), only held back like the worst.
+            # sum would block every newcomer), only held back like the worst.
             return None, 0, self._worst_ms()
         failures = table.get(at, FAILURES)
         return at, failures, self.penalty_ms(failures)
@@ -138,7 +138,7 @@ class AuthGuard:
         own = max(address_penalty, user_penalty)
         start, firm = self._start(user_at, now, own, user_penalty, bool(address_penalty))
         # A penalised address never queues; nobody waits longer than -auth-delay-max (a queue
-        # of first attempts from fresh addresses pushed a user's logins hours out: review 3).
+        # of first attempts from fresh addresses pushed a user's logins hours out).
         if (address_penalty and start > now + own) or start - now > self._worst_ms():
             self._count(self.addresses, address_at, now)
             return Admission(Outcome.DEFERRED, own / 1000)

@@ -104,7 +104,7 @@ class Connection:
         """Issue 14 item 2: only a trusted TCP peer speaking for itself (no PROXY header, or
         v2 LOCAL) may send XCLIENT. Behind a PROXY header the speaker is the named client,
         whatever its address: trusting it would let a client in -trusted-networks rewrite
-        its own address and transport (review 2 item 1)."""
+        its own address and transport."""
         if not self.ctx.settings.xclient:
             return False
         if self.proxied is not None and not self.proxied.local:
@@ -202,7 +202,7 @@ class Connection:
 
     def _closed_by_shutdown(self) -> None:
         """Killed past -grace. In UPDATE only once the pool finished the commit (a kill cannot
-        stop it: worker/main.py in_threadpool), so then it did apply (review item 5)."""
+        stop it: worker/main.py in_threadpool), so then it did apply."""
         applied = self.session.state is State.UPDATE
         self.session.log.log(THREAD, "session closed by shutdown; %s",
                              "its update ran" if applied else "nothing applied")

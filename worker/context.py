@@ -73,7 +73,7 @@ class ServerContext:
         if hasattr(maildrop, "lock_wait"):
             # An mbox dot-lock wait sleeps in a pool thread: keep it well below
             # -worker-timeout, or ten logins to spools a stuck MDA holds would look like a
-            # hung pool and get the worker killed with all its sessions (review item 6).
+            # hung pool and get the worker killed with all its sessions.
             maildrop.lock_wait = min(maildrop.lock_wait, self.settings.worker_timeout / 2)
         return maildrop
 

@@ -177,7 +177,7 @@ class Worker:
         elif frame.kind is Kind.RELOAD:
             log.info("reload requested")
             # Its own greenlet, as the file watcher's: a reload waits for dummy hashes in the
-            # pool, and meanwhile the receiver must keep taking connections (review item 8).
+            # pool, and meanwhile the receiver must keep taking connections.
             gevent.spawn(self.reload, "reload request")
 
     def reload(self, why: str) -> None:
@@ -238,7 +238,7 @@ class Worker:
     def finish_sessions(self) -> None:
         """Wait for sessions; past the deadline, close the rest without applying them, except
         those in UPDATE: their commit runs in the pool, where no kill can stop it, so they get
-        up to COMMIT_WAIT_SECONDS more to finish it and say +OK (review item 5)."""
+        up to COMMIT_WAIT_SECONDS more to finish it and say +OK."""
         while len(self.sessions):
             self.sessions.join(timeout=0.2)
             if self.drain_deadline is None or time.monotonic() < self.drain_deadline:
@@ -285,7 +285,7 @@ class Worker:
         probe, which runs at once in an idle pool: it goes stale only when no task has
         finished for -worker-timeout while work waited. A long queue of legitimate work (a
         login flood of costly hashes) keeps finishing tasks, so it is never taken for a hang
-        (review item 6). A single task may take long (an mbox dot-lock wait, up to
+       . A single task may take long (an mbox dot-lock wait, up to
         min(20 s, half of -worker-timeout): worker/context.py); only all threads stuck at
         once go stale."""
         if self.pool_probe is not None and not self.pool_probe.ready():
@@ -322,7 +322,7 @@ def in_threadpool(hub, function, *args, beat: Callable[[], None] | None = None):
     except gevent.GreenletExit:
         # A kill (the grace deadline) cannot stop the thread: unwind only once it is done, so
         # the session's finally never drops a lock or closes a descriptor it still uses
-        # (review item 5); a kill that comes again cuts this short (the worker is exiting).
+        #; a kill that comes again cuts this short (the worker is exiting).
         task.wait(COMMIT_WAIT_SECONDS)
         raise
     if error is not None:

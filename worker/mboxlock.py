@@ -2,7 +2,7 @@
 
 Delivery agents lock a spool with ``USER.lock`` (a temp file holding pid and host, ``link()``ed
 to the lock name) and then fcntl; worker.mbox takes both around every read and rewrite. Every
-name here is resolved relative to the spool directory's descriptor (review item 1 and 10), never
+name here is resolved relative to the spool directory's descriptor, never
 through a symlink. Runs in the worker's thread pool (worker.store), so it sleeps for real.
 """
 
@@ -102,7 +102,7 @@ class DotLock:
 
     def _temp(self) -> tuple[str, int]:
         """A new temp file beside the lock (O_EXCL): a name someone planted, whatever it is,
-        is passed over for the next one instead of failing the lock (review item 10)."""
+        is passed over for the next one instead of failing the lock."""
         folder = os.path.dirname(self.path)
         for _ in range(TEMP_TRIES):  # ends: bounded tries
             temp = os.path.join(folder, _temp_name())
@@ -149,7 +149,7 @@ class DotLock:
 
     def touch(self) -> None:
         """Keep a lock held through a long copy from looking stale to others: our own lock
-        file's times only, never through a symlink put in its place (review item 10)."""
+        file's times only, never through a symlink put in its place."""
         now = time.monotonic()
         if self._inode is not None and now - self._touched >= TOUCH_SECONDS:
             if self._ours():

@@ -157,7 +157,7 @@ def walk(trusted: str, below: tuple[str, ...], owner: int | None, create: bool,
     here (a Maildir at first login) gets ``owner`` and ``group``, where unknown those of the
     directory it is made in, and mode ``MODE``. ``trusted`` itself is made (by path, as the
     server's user) only with ``make_trusted``: never an account's home, which made here would
-    belong to root and lock its user out (review 2 item 10); FileNotFoundError then.
+    belong to root and lock its user out; FileNotFoundError then.
     """
     if create and make_trusted and not os.path.isdir(trusted):
         os.makedirs(trusted, mode=MODE, exist_ok=True)  # the administrator's part: by path

@@ -93,7 +93,7 @@ def open_maildrop(settings: Any, account: Account, sizing: Sizing) -> Maildrop:
     # The account's ids: the users file's fields, NSS's for system accounts; None: the
     # Maildir's own (worker.maildir, issue 12).
     # A home is made by useradd -m or pam_mkhomedir, never by us: an account with a uid (system,
-    # or a users file entry that has one) whose home is missing is refused (review 2 item 10).
+    # or a users file entry that has one) whose home is missing is refused.
     uid, gid = _number(account.uid), _number(account.gid)
     if location.kind == "mbox":
         return Mbox((fixed, below), settings.wastebasket, settings.purge_reclaim, sizing, uid,

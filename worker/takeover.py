@@ -65,7 +65,7 @@ def socket_address(token: str) -> bytes:
     the nodes of one host and no stale file outlives a worker; who listens is checked by
     SO_PEERCRED on both sides, since any local user may bind an abstract name. The name holds
     a random token, written in the stamps, not the pid: a user who could guess names could
-    bind those of future workers first and so turn takeover off (review 2 item 7)."""
+    bind those of future workers first and so turn takeover off."""
     return f"\0iupop3-takeover-{token}".encode()
 
 
