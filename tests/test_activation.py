@@ -257,7 +257,7 @@ def test_roles_by_name_then_by_port():
 def test_proxy_roles_by_port_or_name_and_a_missing_one_is_an_error():
     """A -proxy-listen / -proxy-tls-listen port, or FileDescriptorName pop3-proxy / pop3s-proxy,
     makes a socket expect PROXY headers; a proxy endpoint with no inherited socket is one
-    line naming the setting and the FileDescriptorName (review 2 item 6)."""
+    line naming the setting and the FileDescriptorName."""
     from supervisor import activation
     socks = [_listener() for _ in range(4)]
     ports = [s.getsockname()[1] for s in socks]

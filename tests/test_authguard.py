@@ -92,7 +92,7 @@ def test_every_attempt_after_a_failure_waits_and_successes_take_it_back():
 
 def test_checks_for_one_user_are_serialised_across_addresses():
     """Parallel attempts for one user from fresh addresses get check times a penalty apart;
-    one that would wait longer than auth_delay_max is deferred instead (review item 3)."""
+    one that would wait longer than auth_delay_max is deferred instead."""
     guard, clock, _ = _guard(auth_delay_max=4)
     outcomes = [guard.admit(f"192.0.2.{n + 1}", "alice") for n in range(5)]
     assert [(a.outcome, a.wait) for a in outcomes[:3]] == [
@@ -101,7 +101,7 @@ def test_checks_for_one_user_are_serialised_across_addresses():
 
 
 def test_no_login_waits_longer_than_the_maximum_behind_fresh_addresses():
-    """Review item 3b: 200 first attempts for alice from 200 IPv6 /64s used to queue her own
+    """200 first attempts for alice from 200 IPv6 /64s used to queue her own
     login from a clean address 2955 s out; now nothing waits past auth_delay_max."""
     guard, clock, _ = _guard(auth_delay_max=15, auth_block=20)
     admissions = [guard.admit(f"2001:db8:{n:x}::1", "alice") for n in range(200)]
@@ -111,7 +111,7 @@ def test_no_login_waits_longer_than_the_maximum_behind_fresh_addresses():
 
 
 def test_a_full_address_table_blocks_no_newcomer():
-    """Review item 3a: failed attempts from 20,000 /64s within the window fill the address
+    """Failed attempts from 20,000 /64s within the window fill the address
     table; clean IPv4 clients are then held back like the worst, never BLOCKED."""
     guard, clock, area = _guard(auth_delay_max=15, auth_block=20)
     # 20,000 keys, not 5,000: the keys hash with a secret drawn per run, and only this many

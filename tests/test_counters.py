@@ -1,4 +1,4 @@
-"""Counters issue 14 item 4 asks for (review 2 item 8): PROXY header refusals and lock
+"""Counters issue 14 item 4 asks for: PROXY header refusals and lock
 takeovers, each in XTND STATS (only while non-zero) and in the metrics scrape, equal."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A full disk under the log file (review item 2): the supervisor and the workers keep serving,
+"""A full disk under the log file: the supervisor and the workers keep serving,
 only the lines that could not be written are lost, the failure is told once on stderr, and
 writing resumes by itself when space comes back."""
 

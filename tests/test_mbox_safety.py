@@ -1,4 +1,4 @@
-"""Review items 1 and 10: an mbox spool is reached only through its owner's own directories.
+"""An mbox spool is reached only through its owner's own directories.
 
 A local user who controls a directory on the way to the spool (``-mail mbox:~/mail/inbox``) or
 can plant names beside it (a shared ``/var/mail``) tries to read or empty another user's

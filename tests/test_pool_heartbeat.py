@@ -1,4 +1,4 @@
-"""The thread pool's heartbeat (review item 6): a long queue of legitimate pool work is not a
+"""The thread pool's heartbeat: a long queue of legitimate pool work is not a
 hang. POOL_BEAT is stamped whenever a pool task ends, so a login flood of costly hashes whose
 queue waits longer than -worker-timeout keeps its worker alive; a pool where nothing ends
 while work waits is still caught (tests/test_reliability.py)."""

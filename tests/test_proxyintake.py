@@ -1,4 +1,4 @@
-"""The supervisor's PROXY header intake under abuse (review 2 item 9): a read error costs one
+"""The supervisor's PROXY header intake under abuse: a read error costs one
 connection, never the supervisor, and a flood of bad headers is not a flood of log lines."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trust behind a PROXY header (review 2 items 1 and 4): XCLIENT and the -trusted-networks
+"""Trust behind a PROXY header: XCLIENT and the -trusted-networks
 exemption belong to the TCP peer speaking for itself (no header, or v2 LOCAL), never to the
 client a header names nor to a client the header could not name (v1 UNKNOWN, v2 AF_UNSPEC or
 AF_UNIX), which is counted under the balancer's address with none of its trust."""

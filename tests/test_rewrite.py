@@ -331,7 +331,7 @@ def test_second_scan_reads_no_file_and_a_changed_file_is_read_again(tmp_path):
 
 def test_rewriter_opens_no_file_by_path():
     """worker/rewrite.py never opens or stats a path: the stores open messages relative to
-    their directory descriptors and hand it an opener (review item 11: ``measure`` opened by
+    their directory descriptors and hand it an opener (``measure`` opened by
     path, following symlinks)."""
     import ast
 

@@ -1,4 +1,4 @@
-"""Shutdown while a QUIT commit runs (review item 5): at the -grace deadline a session in
+"""Shutdown while a QUIT commit runs: at the -grace deadline a session in
 UPDATE is not killed under its running commit; it finishes, answers +OK and is applied, and
 "nothing applied" is logged only for sessions that were not updating."""
 

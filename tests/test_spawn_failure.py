@@ -1,4 +1,4 @@
-"""The supervisor out of descriptors when it must start a worker (review item 9): the failed
+"""The supervisor out of descriptors when it must start a worker: the failed
 socketpair counts as a failed start (BACKOFF), the supervisor lives on and starts the worker
 once descriptors are free again."""
 

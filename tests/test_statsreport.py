@@ -135,7 +135,7 @@ def test_current_users_scan_costs_per_user_not_per_entry():
     """users() finds names in any entry of any slot (a cleared one is not shown), and the Python
     lines it runs grow with the slots and the users, not with the 16384 entries per slot:
     XTND STATS runs it on a worker's event loop, where the per-entry loop took 270 ms with
-    8 workers (review item 7). Counted with a line tracer, so no machine's speed matters."""
+    8 workers. Counted with a line tracer, so no machine's speed matters."""
     area = StatsArea.create(17, 0)  # 8 workers: supervisor, 8 slots, 8 spares
     try:
         area.set_user(1, 0, "carol")
