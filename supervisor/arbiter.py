@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from setproctitle import setproctitle
 
-from shared import descriptors, handoff, logsetup, refusal
+from shared import descriptors, handoff, keytable, logsetup, refusal
 from shared import settings as settings_mod
 from shared.accountspec import parse_users_spec
 from shared.handoff import Kind
@@ -101,6 +101,9 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
             upgrade.carry_penalties(self.stats, self.handover.stats_fd)  # before any worker
         else:
             self.register_listeners()
+        # The secret is fixed from here on (drawn by create(), or carried by an upgrade): one
+        # Keyer for every connection's -max-per-address key, not one per accept.
+        self.keys = keytable.Keyer(self.stats.key_secret(), self.settings.ipv6_prefix)
         self.start_metrics()
         self._install_signals()
         for worker in self.workers:
@@ -291,8 +294,7 @@ class Supervisor(HeartbeatWatch, LogFiles, Upgrades):
             return
         address_key = 0
         if self.settings.max_per_address:
-            address_key = proxied_key(conn, proxied, self.stats.key_secret(),
-                                      self.settings.ipv6_prefix)
+            address_key = proxied_key(conn, proxied, self.keys)
             if self.per_address.get(address_key, 0) >= self.settings.max_per_address:
                 self.stats.add(SUPERVISOR_SLOT, Counter.ADDRESS_REFUSED)
                 self.refuse(conn, refusal.TOO_MANY_FROM_ADDRESS)

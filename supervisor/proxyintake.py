@@ -207,8 +207,8 @@ def _peer(conn: socket.socket) -> str:
         return ""
 
 
-def address_key(conn: socket.socket, proxied: ProxyHeader | None, secret: bytes,
-                ipv6_prefix: int) -> int:
+def address_key(conn: socket.socket, proxied: ProxyHeader | None,
+                keys: keytable.Keyer) -> int:
     """The -max-per-address key of a client: the keyed digest workers also send in CLOSED
     (IPv6 counted per -ipv6-prefix network, IPv4-mapped as IPv4; shared/keytable.Keyer). A
     PROXY header's client address when it has one, else the TCP peer's."""
@@ -216,4 +216,4 @@ def address_key(conn: socket.socket, proxied: ProxyHeader | None, secret: bytes,
         address = proxied.source[0]
     else:
         address = _peer(conn)
-    return keytable.Keyer(secret, ipv6_prefix).address(address)
+    return keys.address(address)

@@ -247,9 +247,9 @@ def test_supervisor_and_worker_key_an_address_alike():
         with socket.create_connection(listener.getsockname()) as client:
             conn, _ = listener.accept()
             with conn:
-                key = address_key(conn, None, area.key_secret(), guard.settings.ipv6_prefix)
-                proxied = address_key(conn, parse(v2_header(("192.0.2.7", 1))),
-                                      area.key_secret(), guard.settings.ipv6_prefix)
+                keys = Keyer(area.key_secret(), guard.settings.ipv6_prefix)
+                key = address_key(conn, None, keys)
+                proxied = address_key(conn, parse(v2_header(("192.0.2.7", 1))), keys)
             address = client.getsockname()[0]
     assert key == guard.keys.address(address)
     assert proxied == guard.keys.address("192.0.2.7") != key
