@@ -3,8 +3,6 @@ takeovers, each in XTND STATS (only while non-zero) and in the metrics scrape, e
 
 from __future__ import annotations
 
-import urllib.request
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, RawClient
@@ -13,24 +11,14 @@ from shared import statsreport
 from shared.proxyprotocol import v2_header
 from shared.stats import Counter
 from supervisor import metrics
+from test_metrics import _metrics_server, _scrape
 from worker import replies as R
 
 IDLE = "1"  # -takeover-idle, as tests/test_takeover.py
 
 
-def _metrics_server(start_server, tmp_path, *args):
-    auth = tmp_path / "pop_xtnd.dat"
-    auth.write_text("stats alice\n")
-    server = start_server("-metrics", "127.0.0.1:0", "-xtnd", str(auth), "-auth-delay", "0",
-                          *args)
-    server.metrics_port = int(server.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
-    return server
-
-
 def _scraped(server, name: str) -> float:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
+    _, text = _scrape(server)
     return {s.name: s.value for f in text_string_to_metric_families(text)
             for s in f.samples}[name]
 
@@ -115,9 +103,7 @@ def test_login_delay_refusals_are_counted_in_stats_and_metrics(start_server, tmp
     raw.close()
     values = _stats(RawClient(server.port, 10))
     assert values["Login Delay Refusals"] == "1"
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
+    _, text = _scrape(server)
     refused = {s.labels.get("reason"): s.value for f in text_string_to_metric_families(text)
                for s in f.samples if s.name == "iupop3_logins_refused_total"}
     assert refused["login_delay"] == 1
