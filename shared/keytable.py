@@ -20,6 +20,9 @@ ENTRY_WORDS = 4
 PROBES = 16
 SECRET_BYTES = 16
 KEY, FAILURES, CHANGED, NEXT = range(ENTRY_WORDS)
+# Address tables keep no time slot: their fourth word counts the checks in flight, which are
+# presumed failures only once the address has a confirmed one (worker/authguard.py).
+PENDING = NEXT
 
 
 class Keyer:
@@ -52,8 +55,9 @@ class KeyTable:
 
     OVERFLOW = 1  # the key of the last entry, shared by keys whose probe run is full
 
-    def __init__(self, words: memoryview, capacity: int):
+    def __init__(self, words: memoryview, capacity: int, in_flight: bool = False):
         self.words = words
+        self.in_flight = in_flight  # the fourth word counts checks in flight (PENDING)
         self.capacity = capacity
         self.buckets = capacity - 1  # the last entry is the overflow entry
         at = self.buckets * ENTRY_WORDS
@@ -65,8 +69,11 @@ class KeyTable:
             yield ((start + i) % self.buckets) * ENTRY_WORDS
 
     def _live(self, at: int, now: int, since: int) -> bool:
-        """Whether the entry at ``at`` still holds a penalty: remembered failures or a slot."""
+        """Whether the entry at ``at`` still holds a penalty: remembered failures, a slot, or
+        checks in flight."""
         w = self.words
+        if self.in_flight:  # an address whose checks are in flight is still being counted
+            return (w[at + FAILURES] > 0 or w[at + PENDING] > 0) and w[at + CHANGED] >= since
         return (w[at + FAILURES] > 0 and w[at + CHANGED] >= since) or w[at + NEXT] > now
 
     def entry(self, key: int, now: int, since: int) -> int:
@@ -77,7 +84,9 @@ class KeyTable:
         for at in self._probe(key):
             if w[at + KEY] == key:
                 if w[at + CHANGED] < since:
-                    w[at + FAILURES] = 0  # failures older than the window are forgotten
+                    # Failures older than the window are forgotten; so is a slot or a count of
+                    # checks in flight (a check lasts far less than a window: a dead worker's).
+                    w[at + FAILURES] = w[at + NEXT] = 0
                 return at
             if free is None and (w[at + KEY] == 0 or not self._live(at, now, since)):
                 free = at

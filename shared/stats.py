@@ -216,7 +216,8 @@ class StatsArea:
             self.nslots * USERS_PER_SLOT * NAME_BYTES) // 8
         size = TABLE_CAPACITY * ENTRY_WORDS
         start = base + which * size
-        return KeyTable(self.words[start: start + size], TABLE_CAPACITY)
+        return KeyTable(self.words[start: start + size], TABLE_CAPACITY,
+                        in_flight=which == Table.ADDRESS_FAILURES)
 
     def lock_tables(self, blocking: bool) -> bool:
         """Take the tables' lock (a POSIX record lock on the area's first byte: one holder

@@ -8,7 +8,7 @@ import pytest
 
 from shared import netaddr
 from shared import settings as settings_mod
-from shared.keytable import FAILURES, ENTRY_WORDS, PROBES, Keyer
+from shared.keytable import FAILURES, ENTRY_WORDS, PENDING, PROBES, Keyer
 from shared.stats import StatsArea, Table
 from worker.authguard import AuthGuard, Outcome
 
@@ -133,7 +133,7 @@ def test_a_clean_login_takes_over_a_guessers_slot():
     and the guesser's check is revoked (answered deferred, unchecked)."""
     guard, clock, _ = _guard(auth_delay_max=1)
     for _ in range(3):
-        guard.admit("192.0.2.1", "alice")  # failures: the address and the user are penalised
+        guard.failed(guard.admit("192.0.2.1", "alice"))  # the address and the user penalised
         clock.now += 5
     guesser = guard.admit("192.0.2.1", "alice")
     assert guesser.outcome is Outcome.CHECK and guard.confirm(guesser)
@@ -148,12 +148,46 @@ def test_a_penalised_address_is_deferred_rather_than_queued():
     """An address with failures cannot queue behind another check of the user: it waits its
     penalty and is deferred unchecked, so the user's own login is not pushed back."""
     guard, clock, _ = _guard(auth_delay_max=4)
-    guard.admit("192.0.2.1", "alice")          # fails: the address and the user have 1 each
+    guard.failed(guard.admit("192.0.2.1", "alice"))  # the address and the user have 1 each
     guard.admit("192.0.2.1", "alice")          # checks after 1 s, reserves the next slot
     third = guard.admit("192.0.2.1", "alice")  # would have to queue: deferred
     assert third.outcome is Outcome.DEFERRED and third.wait == 2
     own = guard.admit("198.51.100.1", "alice")  # a clean address queues, and is checked
     assert own.outcome is Outcome.CHECK
+
+
+def test_a_clean_address_logs_many_users_in_at_once():
+    """32 logins in flight from one address with no failure (a NAT, a proxy, a load test) are
+    all checked at once: checks in flight are not presumed failures of a clean address (they
+    were, and the 21st login in flight was refused as from a guesser's address)."""
+    guard, _, _ = _guard(auth_block=20)
+    admissions = [guard.admit("192.0.2.9", f"user{n}") for n in range(32)]
+    assert all((a.outcome, a.wait) == (Outcome.CHECK, 0) for a in admissions)
+    for admission in admissions:
+        guard.succeeded(admission)
+    assert guard.admit("192.0.2.9", "user99").wait == 0
+
+
+def test_a_penalised_address_has_its_checks_in_flight_counted():
+    """Once an address has a confirmed failure, its parallel attempts count before they are
+    answered: the n-th in flight waits as if the ones before it had failed, and enough of them
+    block the address."""
+    guard, _, _ = _guard(auth_block=4, auth_delay_max=60)
+    guard.failed(guard.admit("192.0.2.9", "user0"))
+    waits = [guard.admit("192.0.2.9", f"user{n}") for n in range(1, 5)]
+    assert [a.wait for a in waits[:3]] == [1, 2, 4]
+    assert waits[3].outcome is Outcome.BLOCKED
+
+
+def test_a_check_settles_once_as_success_or_failure():
+    """A failure confirms the address's check in flight; a success only ends it."""
+    guard, _, _ = _guard(auth_block=0)
+    ok = guard.admit("192.0.2.9", "alice")
+    guard.succeeded(ok)
+    assert guard.admit("192.0.2.9", "bob").wait == 0  # bob's check is now in flight
+    table = guard.addresses
+    at = table.find(guard.keys.address("192.0.2.9"))
+    assert (table.get(at, FAILURES), table.get(at, PENDING)) == (0, 1)
 
 
 def test_trusted_networks_skip_address_blocks_not_user_serialisation():
@@ -163,14 +197,18 @@ def test_trusted_networks_skip_address_blocks_not_user_serialisation():
     assert all(a.outcome is Outcome.CHECK for a in waits)
     assert [a.wait for a in waits] == sorted(a.wait for a in waits) and waits[-1].wait > 0
     untrusted, _, _ = _guard(auth_block=2)
-    outcomes = [untrusted.admit("198.51.100.5", f"user{n}").outcome for n in range(3)]
+    outcomes = []
+    for n in range(3):
+        admission = untrusted.admit("198.51.100.5", f"user{n}")
+        untrusted.failed(admission)
+        outcomes.append(admission.outcome)
     assert outcomes[-1] is Outcome.BLOCKED
 
 
 def test_ipv6_addresses_of_one_prefix_share_a_penalty():
     """Failures from one /64 penalise every address in it; another /64 is clean."""
     guard, clock, _ = _guard()
-    guard.admit("2001:db8:1:2::1", "alice")
+    guard.failed(guard.admit("2001:db8:1:2::1", "alice"))
     assert guard.admit("2001:db8:1:2::ffff", "bob").wait == 1
     assert guard.admit("2001:db8:1:3::1", "carol").wait == 0
 

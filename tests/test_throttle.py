@@ -192,3 +192,37 @@ def test_a_costlier_hash_than_the_dummy_is_not_told_by_timing(start_server, tmp_
           f"{unknown * 1000:.1f} ms, common account {common * 1000:.1f} ms")
     assert 0.5 < unknown / costly < 2, (costly, unknown)
     assert 0.5 < common / costly < 2, (costly, common)
+
+
+def test_many_users_log_in_at_once_from_one_clean_address(start_server, tmp_path):
+    """40 users behind one address (a NAT, a proxy, the benchmark's load generator) log in at
+    once with hashed passwords, so their checks overlap in the thread pool: every one gets
+    +OK. Checks in flight used to count as failures of the address, and the 21st login in
+    flight was answered "too many failed logins from your address"."""
+    from shared.passwords import hash_password
+
+    users = {f"user{n}": f"pw{n}" for n in range(40)}
+    root = tmp_path / "crowd"
+    root.mkdir()
+    (root / "users").write_text("".join(
+        f"{u}:{hash_password(p, 'SHA512-CRYPT')}::::::\n" for u, p in users.items()))
+    server = start_server("-workers", "1", root=root, users=users)
+    barrier = threading.Barrier(len(users), timeout=60)
+    replies: dict[str, bytes] = {}
+
+    def log_in(user: str) -> None:
+        client = RawClient(server.port, 60)
+        try:
+            client.line()
+            client.command(f"USER {user}")
+            barrier.wait()
+            replies[user] = client.command(f"PASS {users[user]}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=log_in, args=(u,)) for u in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert replies == {u: R.LOGIN_OK.encode() for u in users}

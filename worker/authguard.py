@@ -7,9 +7,12 @@ recent failures, every login from it or for it waits ``penalty(n) = auth_delay *
 (at most ``auth_delay_max``, n the larger failure count) before the check, and the answer,
 right or wrong, comes only after it; hanging up early gains nothing. Each check of a user
 reserves that user's next slot ``penalty`` later (the tables' NEXT word), so parallel
-connections or workers do not multiply guesses. An attempt counts as a failure when it is
-admitted and is taken back if the password was right, so a check cut short by a dead worker
-still counts. A penalised address whose attempt would have to queue behind another check of
+connections or workers do not multiply guesses. An attempt counts as a failure of the user
+when it is admitted and is taken back if the password was right, so a check cut short by a dead
+worker still counts. For the address, checks in flight are counted apart (PENDING) and are
+presumed failures only once the address has a confirmed failure: many users behind one clean
+address (a NAT, a proxy, a load test) log in at once unhindered, while a penalised address's
+parallel attempts still count before they are answered. A penalised address whose attempt would have to queue behind another check of
 the user is deferred instead (it waits its penalty, then ``-ERR [SYS/TEMP]``, nothing checked),
 so a guesser cannot fill a user's queue ahead of the user's own login, and its checks hold
 only a provisional slot that a clean address's login takes over when it would otherwise wait
@@ -29,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.keytable import CHANGED, FAILURES, NEXT, Keyer, KeyTable
+from shared.keytable import CHANGED, FAILURES, NEXT, PENDING, Keyer, KeyTable
 from shared.netaddr import Networks
 from shared.stats import Counter, StatsArea, Table
 
@@ -115,6 +118,8 @@ class AuthGuard:
             # sum would block every newcomer), only held back like the worst.
             return None, 0, self._worst_ms()
         failures = table.get(at, FAILURES)
+        if failures:  # a penalised address's checks in flight are presumed failures
+            failures += table.get(at, PENDING)
         return at, failures, self.penalty_ms(failures)
 
     def _admit_locked(self, address: str, user: str | None, exempt: bool = True) -> Admission:
@@ -143,7 +148,9 @@ class AuthGuard:
             self._count(self.addresses, address_at, now)
             return Admission(Outcome.DEFERRED, own / 1000)
         self._count(users, user_at, now)
-        self._count(self.addresses, address_at, now)
+        if address_at is not None:
+            self.addresses.set(address_at, PENDING, self.addresses.get(address_at, PENDING) + 1)
+            self.addresses.set(address_at, CHANGED, now)
         reserved = 0
         if user_at is not None:
             # A clean address reserves the next slot firmly (even); a penalised one only
@@ -194,18 +201,36 @@ class AuthGuard:
             table.set(at, CHANGED, now)
 
     def succeeded(self, admission: Admission) -> None:
-        """The password was right: take back the failure the admission counted."""
+        """The password was right: take back the user's presumed failure and the address's
+        check in flight."""
         if not self._lock():
             return  # the failure stays counted: fail closed
         try:
-            now, since = self._now_since()
-            for table, key in ((self.users, admission.user_key),
-                               (self.addresses, admission.address_key)):
-                at = table.find(key) if key is not None else None
-                if at is None:
-                    continue
-                table.set(at, FAILURES, table.get(at, FAILURES) - 1)
-                if table is self.users and table.get(at, NEXT) == admission.reserved_next:
-                    table.set(at, NEXT, now & ~1)  # nobody queued behind: the next may go now
+            now, _ = self._now_since()
+            at = self.users.find(admission.user_key) if admission.user_key else None
+            if at is not None:
+                self.users.set(at, FAILURES, self.users.get(at, FAILURES) - 1)
+                if self.users.get(at, NEXT) == admission.reserved_next:
+                    self.users.set(at, NEXT, now & ~1)  # nobody queued behind: go now
+            self._settle_address(admission, failed=False, now=now)
         finally:
             self.area.unlock_tables()
+
+    def failed(self, admission: Admission) -> None:
+        """The check failed or was revoked (or never ended): the address's check in flight
+        becomes a confirmed failure (the user's was counted at admission)."""
+        if admission.outcome is not Outcome.CHECK or not self._lock():
+            return
+        try:
+            self._settle_address(admission, failed=True, now=self._now_since()[0])
+        finally:
+            self.area.unlock_tables()
+
+    def _settle_address(self, admission: Admission, failed: bool, now: int) -> None:
+        at = self.addresses.find(admission.address_key) if admission.address_key else None
+        if at is None:
+            return
+        self.addresses.set(at, PENDING, self.addresses.get(at, PENDING) - 1)
+        if failed:
+            self.addresses.set(at, FAILURES, self.addresses.get(at, FAILURES) + 1)
+            self.addresses.set(at, CHANGED, now)

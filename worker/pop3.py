@@ -304,12 +304,18 @@ class Session(SaslExchange):
         if admission.outcome is Outcome.BLOCKED:
             self._login_blocked()
             return
-        self._wait_penalty(user, admission.wait)
-        if admission.outcome is Outcome.DEFERRED or not self.ctx.guard.confirm(admission):
-            self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
-            return
-        verdict = check()
+        try:
+            self._wait_penalty(user, admission.wait)
+            if admission.outcome is Outcome.DEFERRED or not self.ctx.guard.confirm(admission):
+                self.ctx.guard.failed(admission)
+                self._login_failed(user, R.LOGIN_DEFERRED, admission.wait, "deferred, ")
+                return
+            verdict = check()
+        except BaseException:
+            self.ctx.guard.failed(admission)  # cut short (a hang-up, a shutdown): fail closed
+            raise
         if verdict.account is None:
+            self.ctx.guard.failed(admission)
             # The reason is for the log only; a source that could not decide is an ERROR.
             self.log.log(ERROR if verdict.fault else THREAD, "login of %s refused: %s", user,
                          verdict.reason or "refused")
