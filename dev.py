@@ -97,29 +97,30 @@ def ensure_venv(extras: str = "") -> None:
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True,
                    cwd=ROOT)
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", target], check=True, cwd=ROOT)
+    probe = subprocess.run([str(PY), "-c", "import worker._wirestuff"], cwd=ROOT,
+                           capture_output=True)
+    if probe.returncode != 0:
+        say("installed without the C accelerator (no compiler or Python headers; see "
+            "`.venv/bin/pip install -v -e .`): RETR runs the slower Python stuffer")
     stamp.write_text(want)
 
 
 def ensure_build_tools() -> None:
     """A C compiler and the venv Python's headers for worker/_wirestuff.c (setup.py builds it
-    as an optional extension): installed with apt-get as root; if that cannot be done, one
-    line says so and pip installs without it (worker/wire.py then uses its Python stuffer)."""
+    as an optional extension): installed with apt-get as root; without them pip installs
+    iupop3 without it (worker/wire.py then uses its Python stuffer; ensure_venv says so)."""
     probe = ("import sys, sysconfig; print(sysconfig.get_paths()['include']); "
              "print((sysconfig.get_config_var('CC') or 'cc').split()[0]); "
              "print(sys.version_info.minor)")
     include, cc, minor = subprocess.run([str(PY), "-c", probe], capture_output=True, text=True,
                                         check=True).stdout.splitlines()
     have_cc, have_headers = _build_tools(include, cc)
-    if have_cc and have_headers:
+    if have_cc and have_headers or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        packages = [] if have_cc else ["gcc", "libc6-dev"]
-        headers = [] if have_headers else [f"python3.{minor}-dev"]
-        if not apt_install(packages + headers) and headers:
-            apt_install([*packages, "python3-dev"])
-        if all(_build_tools(include, cc)):
-            return
-    say("no C compiler or Python headers: installing without the C accelerator (slower RETR)")
+    packages = [] if have_cc else ["gcc", "libc6-dev"]
+    headers = [] if have_headers else [f"python3.{minor}-dev"]
+    if not apt_install(packages + headers) and headers:
+        apt_install([*packages, "python3-dev"])
 
 
 def _build_tools(include: str, cc: str) -> tuple[bool, bool]:
