@@ -133,6 +133,27 @@ def test_worker_budget_and_octets_bound_the_run(drop, monkeypatch):
     assert len(d.session.ahead.files) == 2  # two messages of ~1,100 octets fit, not three
 
 
+def test_mbox_messages_are_not_opened_ahead(tmp_path):
+    """An mbox open copies the message out of the spool: only the one asked for is opened."""
+    spool_dir = tmp_path / "mail"
+    spool_dir.mkdir()
+    (spool_dir / "alice").write_bytes(b"".join(
+        b"From a@example.org Thu Jan  1 00:00:00 2026\n" + sample(n).encode() + b"\n"
+        for n in range(1, 5)))
+    values = dict(users="unused", mail=f"mbox:{spool_dir}/%u", hostname="pop.example.org",
+                  maxmsg=0)
+    ctx = build_context(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,
+                        parse_users("alice:{PLAIN}secret::::::\n"))
+    out: list[bytes] = []
+    session = Session(ctx, out.append, "127.0.0.1:4000", "t")
+    for line in ("USER alice", "PASS secret", "RETR 1"):
+        session.handle_line(line.encode())
+    assert out[-1].endswith(b"Body of message 1.\r\n.\r\n")
+    assert session.ahead.files == {}
+    session.release()
+    os.close(ctx.stats.area.fd)
+
+
 def test_real_server_download_with_deletes_leaves_no_descriptor(start_server):
     """RETR/DELE of every message then QUIT: the worker holds what it held before, and the
     messages are gone; the bytes are what the stuffer makes of the stored files."""

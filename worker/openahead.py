@@ -6,9 +6,10 @@ about 30 us for the open, measured under load). So worker.pop3 asks the pool for
 the next few live ones together, and RETR n+1 finds its file already open. Opens still run only
 in the pool (worker/store.py's rule); the loop only reads the files, one chunk at a time.
 
-Bounded: ``AHEAD`` files and ``AHEAD_OCTETS`` per session (an mbox "file" is an in-memory
-copy), ``WORKER_BUDGET`` held by all sessions of a worker (each Maildir file is a descriptor,
-and a worker holds at most 20,000), all closed when a request leaves the run or the session ends.
+Maildir only (an mbox open copies the message out of the spool). Bounded: ``AHEAD`` files and
+``AHEAD_OCTETS`` per session, ``WORKER_BUDGET`` held by all sessions of a worker (each is a
+descriptor, and a worker holds at most 20,000), all closed when a request leaves the run or
+the session ends.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
+from worker.maildir import Maildir
 from worker.store import Maildrop, Message
 
 AHEAD = 4                    # messages opened past the one asked for
-AHEAD_OCTETS = 1 << 20       # their stored sizes together (mbox copies live in memory)
+AHEAD_OCTETS = 1 << 20       # their stored sizes together: a run of big ones stays short
 WORKER_BUDGET = 512          # open-ahead files held by every session of this worker together
 
 
@@ -38,8 +40,10 @@ class OpenAhead:
         next few live messages; raises what ``open_message`` raises for ``message`` itself."""
         fh = self.take(message.index)
         if fh is None:
-            fh, opened = offload(open_run, maildrop, message,
-                                 self.wanted(message, messages, deleted))
+            # Only a Maildir: its open is a descriptor and no bytes; an mbox open copies the
+            # message out of the spool, work the client may never ask for.
+            more = self.wanted(message, messages, deleted) if isinstance(maildrop, Maildir) else []
+            fh, opened = offload(open_run, maildrop, message, more)
             self.keep(opened)
         return fh
 
