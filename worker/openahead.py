@@ -72,9 +72,10 @@ class OpenAhead:
         """The live messages after ``message`` worth opening with it (none over the budget)."""
         room = min(AHEAD, WORKER_BUDGET - OpenAhead.held)
         octets, chosen = 0, []
-        for candidate in messages[message.index + 1:]:
+        for position in range(message.index + 1, len(messages)):  # no copy of a long list
             if len(chosen) >= room:
                 break
+            candidate = messages[position]
             if candidate.index in deleted or candidate.index in self.files:
                 continue
             octets += candidate.size
