@@ -6,9 +6,10 @@
     python3 dev.py docs                   regenerate etc/iupop3.toml and the README settings table
     python3 dev.py bench [options]        run the benchmarks in bench/ (see bench/README.md)
 
-The virtual environment lives in .venv inside the checkout and is refreshed when pyproject.toml
-changes. On Debian, a missing python3-venv (and the test tools) are installed with apt-get when
-running as root.
+The virtual environment lives in .venv inside the checkout and is refreshed when pyproject.toml,
+setup.py or the C accelerator's source changes. On Debian, a missing python3-venv, the C
+compiler and Python headers that build the accelerator (and the test tools) are installed with
+apt-get when running as root; without a compiler iupop3 still installs, with slower RETR.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "op
 # tests/test_migration.py serves one Maildir with a private Dovecot, then with iupop3.
 DOVECOT_PACKAGES = {"/usr/sbin/dovecot": "dovecot-core", "/usr/lib/dovecot/pop3": "dovecot-pop3d"}
 POLICY_RC = "/usr/sbin/policy-rc.d"
+# What the install stamp hashes: a change to any of them reinstalls (and rebuilds the C part).
+INSTALL_INPUTS = ("pyproject.toml", "setup.py", "worker/_wirestuff.c")
 
 
 def say(text: str) -> None:
@@ -82,15 +85,47 @@ def ensure_venv(extras: str = "") -> None:
                 sys.exit("dev.py: cannot create a virtual environment")
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     stamp = VENV / f".installed{extras}"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name in INSTALL_INPUTS:
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
+    want = digest.hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
+    ensure_build_tools()
     say("installing iupop3 and its dependencies into .venv")
     target = f".[{extras}]" if extras else "."
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True,
                    cwd=ROOT)
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", target], check=True, cwd=ROOT)
+    probe = subprocess.run([str(PY), "-c", "import worker._wirestuff"], cwd=ROOT,
+                           capture_output=True)
+    if probe.returncode != 0:
+        say("installed without the C accelerator (no compiler or Python headers; see "
+            "`.venv/bin/pip install -v -e .`): RETR runs the slower Python stuffer")
     stamp.write_text(want)
+
+
+def ensure_build_tools() -> None:
+    """A C compiler and the venv Python's headers for worker/_wirestuff.c (setup.py builds it
+    as an optional extension): installed with apt-get as root; without them pip installs
+    iupop3 without it (worker/wire.py then uses its Python stuffer; ensure_venv says so)."""
+    probe = ("import sys, sysconfig; print(sysconfig.get_paths()['include']); "
+             "print((sysconfig.get_config_var('CC') or 'cc').split()[0]); "
+             "print(sys.version_info.minor)")
+    include, cc, minor = subprocess.run([str(PY), "-c", probe], capture_output=True, text=True,
+                                        check=True).stdout.splitlines()
+    have_cc, have_headers = _build_tools(include, cc)
+    if have_cc and have_headers or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    packages = [] if have_cc else ["gcc", "libc6-dev"]
+    headers = [] if have_headers else [f"python3.{minor}-dev"]
+    if not apt_install(packages + headers) and headers:
+        apt_install([*packages, "python3-dev"])
+
+
+def _build_tools(include: str, cc: str) -> tuple[bool, bool]:
+    """(a C compiler is on PATH, Python.h is in the venv Python's include folder)."""
+    return bool(shutil.which(cc) or shutil.which("gcc")), (Path(include) / "Python.h").exists()
 
 
 def run(args: list[str]) -> int:

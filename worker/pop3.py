@@ -17,7 +17,7 @@ from shared.netaddr import normalized
 from shared.stats import Counter
 from shared.users import Account, user_name
 from worker import replies as R
-from worker import retention, rewrite, sasl, store, takeover, xclient
+from worker import openahead, retention, rewrite, sasl, store, takeover, xclient
 from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
@@ -92,6 +92,7 @@ class Session(SaslExchange):
         self.maildrop = None
         self.messages: list[Message] = []
         self.deleted: set[int] = set()
+        self.ahead: openahead.OpenAhead | None = None  # RETR/TOP files opened ahead, by index
 
     # -- output ---------------------------------------------------------------------------
     def reply(self, line: str) -> None:
@@ -409,6 +410,8 @@ class Session(SaslExchange):
     def pop_QUIT(self, rest: bytes) -> None:
         self.quit = True
         self.closing = True
+        if self.ahead is not None:
+            self.ahead.close()  # before UPDATE moves or removes their files
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
@@ -517,8 +520,11 @@ class Session(SaslExchange):
         self._write(b"".join(pending))
 
     def _open(self, message: Message):
-        try:
-            return self.ctx.offload(self.maildrop.open_message, message)  # pool: worker.store
+        if self.ahead is None:
+            self.ahead = openahead.OpenAhead()
+        try:  # pool: worker.store; with the next few of the run (worker.openahead)
+            return self.ahead.open(self.ctx.offload, self.maildrop, message, self.messages,
+                                   self.deleted)
         except FileNotFoundError as exc:  # removed by another program since the scan
             self.log.error("cannot read message %s: %s", message.uid, exc)
             self.reply(R.NO_SUCH_MESSAGE)
@@ -567,6 +573,8 @@ class Session(SaslExchange):
     # -- end --------------------------------------------------------------------------------
     def release(self) -> None:
         """Drop the maildrop lock without applying anything (also after a lost connection)."""
+        if self.ahead is not None:
+            self.ahead.close()
         if self.maildrop is not None:
             self.maildrop.unlock()
             self.maildrop = None

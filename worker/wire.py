@@ -3,15 +3,22 @@
 RFC 1939 section 3: every line ends in CRLF, a line that starts with "." gets one more, and the
 reply ends with CRLF.CRLF. The stuffer keeps "at start of line" and a trailing CR across chunks,
 so a message is streamed in fixed-size pieces without a per-line Python loop.
+
+``DotStuffer`` is the C twin from worker/_wirestuff.c when it was built at install (setup.py,
+an optional extension), else ``PyDotStuffer``, the reference: same bytes for any input and
+chunking (tests/test_wire.py). ``IUPOP3_PURE_WIRE=1`` in the environment forces the Python one.
 """
 
 from __future__ import annotations
 
+import os
+
 TERMINATOR = b".\r\n"
+PURE_WIRE_ENV = "IUPOP3_PURE_WIRE"
 
 
-class DotStuffer:
-    """Feed raw message chunks, get wire chunks; ``finish`` ends the reply."""
+class PyDotStuffer:
+    """Feed raw message chunks, get wire chunks; ``finish`` ends the reply (the reference)."""
 
     __slots__ = ("at_line_start", "carry_cr")
 
@@ -54,6 +61,22 @@ class DotStuffer:
             tail += b"\r\n"
         self.at_line_start = True
         return tail + TERMINATOR
+
+
+def _accelerated() -> type | None:
+    """The C stuffer, or None when it was not built (no compiler or headers) or is refused."""
+    if os.environ.get(PURE_WIRE_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from worker._wirestuff import DotStuffer as CDotStuffer
+    except ImportError:
+        return None
+    return CDotStuffer
+
+
+C_DOT_STUFFER = _accelerated()
+DotStuffer = C_DOT_STUFFER or PyDotStuffer
+IMPLEMENTATION = "C" if C_DOT_STUFFER is not None else "Python"
 
 
 def stuff_whole(data: bytes) -> bytes:
