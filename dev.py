@@ -7,7 +7,7 @@
     python3 dev.py bench [options]        run the benchmarks in bench/ (see bench/README.md)
 
 The virtual environment lives in .venv inside the checkout and is refreshed when pyproject.toml,
-setup.py or the C accelerator's source changes. On Debian, a missing python3-venv, the C
+the C accelerator's source changes. On Debian, a missing python3-venv, the C
 compiler and Python headers that build the accelerator (and the test tools) are installed with
 apt-get when running as root; without a compiler iupop3 still installs, with slower RETR.
 """
@@ -39,7 +39,7 @@ TEST_DEBIAN_PACKAGES = {"curl": "curl", "fetchmail": "fetchmail", "openssl": "op
 DOVECOT_PACKAGES = {"/usr/sbin/dovecot": "dovecot-core", "/usr/lib/dovecot/pop3": "dovecot-pop3d"}
 POLICY_RC = "/usr/sbin/policy-rc.d"
 # What the install stamp hashes: a change to any of them reinstalls (and rebuilds the C part).
-INSTALL_INPUTS = ("pyproject.toml", "setup.py", "worker/_wirestuff.c")
+INSTALL_INPUTS = ("pyproject.toml", "worker/_wirestuff.c")
 
 
 def say(text: str) -> None:
@@ -106,7 +106,7 @@ def ensure_venv(extras: str = "") -> None:
 
 
 def ensure_build_tools() -> None:
-    """A C compiler and the venv Python's headers for worker/_wirestuff.c (setup.py builds it
+    """A C compiler and the venv Python's headers for worker/_wirestuff.c (pip builds it
     as an optional extension): installed with apt-get as root; without them pip installs
     iupop3 without it (worker/wire.py then uses its Python stuffer; ensure_venv says so)."""
     probe = ("import sys, sysconfig; print(sysconfig.get_paths()['include']); "
