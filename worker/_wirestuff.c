@@ -1,5 +1,5 @@
 /* worker._wirestuff: the C twin of worker.wire.DotStuffer (RFC 1939 section 3 line ends and
- * dot-stuffing), built at install as an optional extension (setup.py). worker/wire.py keeps the
+ * dot-stuffing), built at install as an optional extension (pyproject.toml). worker/wire.py keeps the
  * pure-Python class as the reference and picks this one when it imports; tests/test_wire.py
  * checks both give the same bytes for any input and chunking.
  *

@@ -6,7 +6,8 @@ so a message is streamed in fixed-size pieces without a per-line Python loop.
 
 ``DotStuffer`` is the C twin from worker/_wirestuff.c when it was built at install (an optional
 extension, pyproject.toml's ext-modules), else ``PyDotStuffer``, the reference: same bytes for
-any input and chunking (tests/test_wire.py). ``IUPOP3_PURE_WIRE=1`` in the environment forces the Python one.
+any input and chunking (tests/test_wire.py). ``IUPOP3_PURE_WIRE=1`` in the environment forces
+the Python one.
 """
 
 from __future__ import annotations
