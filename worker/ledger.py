@@ -61,13 +61,16 @@ class Ledger:
     measured: int = 0         # messages measured this session (not found in the ledger)
     fresh: bool = False       # not read from a file: first sight, or a rebuild
 
-    def known(self, name: str, stored: int, uidl: str) -> tuple[int, bool] | None:
-        """(size, foreign) when this message was measured before under the same sizing."""
+    def known(self, name: str, stored: int, uidl: str, inode: int = -1) -> tuple[int, bool] | None:
+        """(size, foreign) when this message was measured before under the same sizing; the
+        file's ``inode`` is noted for the next login's fast path (worker.maildir)."""
         entry = self.entries.get(name)
         if entry is None or entry.stored != stored:
             return None
         if entry.uidl != uidl:  # the UIDL comes from the name or the import table, never from here
             entry.uidl, self.dirty = uidl, True
+        if inode >= 0 and entry.inode != inode:
+            entry.inode, self.dirty = inode, True
         return entry.size, entry.foreign
 
     def learn(self, name: str, uidl: str, size: int, stored: int, foreign: bool,

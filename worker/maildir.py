@@ -33,6 +33,7 @@ SUBS = ("cur", "new", "tmp")
 
 Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
 Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
+Inodes = tuple[dict[str, int], dict[str, int]]   # readdir's inode of each regular file, new/ cur/
 
 
 class ScanCache:
@@ -116,6 +117,7 @@ class Maildir:
         self.ledger = Ledger(ledgers.sizing_fingerprint(sizing), fresh=True)
         self.imported: migration.Imported = {}
         self._positions: dict[str, int] = {}
+        self.vouched = 0  # messages the ledger vouched for (no stat) in this session's scans
         self.home = home  # ``trusted`` is the account's home: never made here (safefs.walk)
         self.wastebasket = wastebasket
         self.purge = purge
@@ -225,49 +227,97 @@ class Maildir:
     def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
         with self._root() as root:
-            listing = _listing(root)
+            listing, regular = _listing(root)
             # A rebuilt ledger is filled from the files, not from this worker's memory.
             entries = None if self.ledger.fresh else SCANS.get(self.path, listing, self.sizing)
             if entries is None:
-                entries = self._measure_all(root, listing)
+                entries = self._measure_all(root, listing, regular)
                 SCANS.put(self.path, listing, self.sizing, entries)
         if maxmsg:
             entries = entries[:maxmsg]
         return [Message(index, uid, size, path, base, foreign)
                 for index, (uid, size, path, base, foreign) in enumerate(entries)]
 
-    def _measure_all(self, root: int, listing: Listing) -> list[Entry]:
-        """(uid, size, path, base, foreign) of every servable message, oldest first."""
+    def _measure_all(self, root: int, listing: Listing, regular: Inodes | None = None
+                     ) -> list[Entry]:
+        """(uid, size, path, base, foreign) of every servable message, oldest first.
+
+        With ``regular`` (the inodes readdir gave for the regular files of new/ and cur/), a
+        message whose ledger entry names the same inode is taken from the ledger without a
+        stat: the plain path stats and checks every file (see ``_vouched``).
+        """
         folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
         try:
-            found = []
-            for sub, names in zip(("new", "cur"), listing):
-                for name in names:
-                    st = self._servable(folders[sub], sub, name)
-                    if st is not None:
-                        found.append((self._order(name, st), name.split(":", 1)[0], sub,
-                                      name, st))
-            found.sort(key=lambda item: item[:4])
+            found = self._found(folders, listing, regular or ({}, {}))
+            found.sort()  # (sub, name) is unique: the last two fields are never compared
             entries = []
             used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
-            for _, base, sub, name, st in found:
+            for _, _, base, sub, name, st, vouched in found:
                 uid = self.imported.get(base) or uid_for(base)
                 if uid in used:
                     uid = uid_for(base) if uid_for(base) not in used else _digest(base)
                 used.add(uid)
-                value = self.ledger.known(base, st.st_size, uid)
-                if value is None:
-                    value = self._measure(folders[sub], sub, name, base, st)
-                    if value is not None:
-                        self.ledger.learn(base, uid, value[0], st.st_size, value[1])
+                if st is None:
+                    if vouched.uidl != uid:  # the UIDL comes from the name or the import table
+                        vouched.uidl, self.ledger.dirty = uid, True
+                    value: tuple[int, bool] | None = (vouched.size, vouched.foreign)
+                else:
+                    value = self._value(folders[sub], sub, name, base, st, uid)
                 if value is not None:
-                    path = f"{self.path}/{sub}/{name}"
-                    entries.append((uid, value[0], path, base, value[1]))
+                    entries.append((uid, value[0], f"{self.path}/{sub}/{name}", base, value[1]))
             return entries
         finally:
             for fd in folders.values():
                 if fd is not None:
                     os.close(fd)
+
+    def _found(self, folders: dict[str, int | None], listing: Listing, regular: Inodes
+               ) -> list[tuple]:
+        """(order kind, order number, base, sub, name, lstat or None, vouched ledger entry or
+        None) of every listed name that may be a message."""
+        found = []
+        vouch = self._vouched
+        for sub, names, inodes in zip(("new", "cur"), listing, regular):
+            for name in names:
+                base = name.partition(":")[0]
+                order = vouch(base, name, inodes)  # inline checks: this runs per message
+                if order is not None:
+                    found.append((*order, base, sub, name, None, self.ledger.entries[base]))
+                    self.vouched += 1
+                    continue
+                st = self._servable(folders[sub], sub, name)
+                if st is not None:
+                    found.append((*self._order(name, st), base, sub, name, st, None))
+        return found
+
+    def _vouched(self, base: str, name: str, inodes: dict[str, int]) -> tuple[int, int] | None:
+        """The listing order of ``name`` when its ledger entry may stand in for a stat: readdir
+        says the name is a regular file with the inode the entry recorded when the server
+        measured it (Maildir files are renamed, never rewritten), its size is valid for this
+        sizing, and the order needs no mtime (the previous server's, or a timed name).
+
+        The user may forge the ledger: a forged inode at best lists, under a size the user
+        chose, a file that RETR and DELE then refuse (they open and check it): their own
+        maildrop only. A name swapped for a symlink or a new file has another type or inode.
+        """
+        entry = self.ledger.entries.get(base)
+        if entry is None or entry.inode < 0 or entry.stored < 0 \
+                or inodes.get(name) != entry.inode or name[:1] == ".":
+            return None
+        if base in self.imported:
+            return (0, self._positions[base])
+        head = name.partition(".")[0]
+        return (1, int(head)) if head.isascii() and head.isdigit() else None
+
+    def _value(self, folder: int | None, sub: str, name: str, base: str, st: os.stat_result,
+               uid: str) -> tuple[int, bool] | None:
+        """(size, foreign) of a stat'd message: from the ledger, else measured (and learned)."""
+        value = self.ledger.known(base, st.st_size, uid, st.st_ino)
+        if value is None and folder is not None:
+            value = self._measure(folder, sub, name, base, st)
+            if value is not None:
+                self.ledger.learn(base, uid, value[0], st.st_size, value[1], st.st_ino)
+        return value
 
     def _order(self, name: str, st: os.stat_result) -> tuple[int, int]:
         """Where a message is listed: the previous server's order first (so a client sees the
@@ -494,19 +544,30 @@ def _open_in(root: int, sub: str, name: str, owner: int | None) -> int:
         os.close(folder)
 
 
-def _listing(root: int) -> Listing:
-    """The names in new/ and cur/ (a missing folder is empty)."""
+def _listing(root: int) -> tuple[Listing, Inodes]:
+    """The names in new/ and cur/ (a missing folder is empty), and the inode of each name that
+    readdir says is a regular file (its d_type: no stat; a file system that does not say is
+    stat'd by ``DirEntry.is_file``)."""
     found = []
+    regular: list[dict[str, int]] = []
     for sub in ("new", "cur"):
         folder = _open_sub(root, sub)
+        inodes: dict[str, int] = {}
+        regular.append(inodes)
         if folder is None:
             found.append(frozenset())
             continue
         try:
-            found.append(frozenset(os.listdir(folder)))
+            with os.scandir(folder) as entries:
+                names = []
+                for entry in entries:
+                    names.append(entry.name)
+                    if entry.is_file(follow_symlinks=False):
+                        inodes[entry.name] = entry.inode()
+            found.append(frozenset(names))
         finally:
             os.close(folder)
-    return found[0], found[1]
+    return (found[0], found[1]), (regular[0], regular[1])
 
 
 def _delivery_time(name: str, st: os.stat_result) -> int:
