@@ -57,8 +57,11 @@ CHANGES = {
                                                    box / "cur" / (NAMES[0] + ":2,RS")),
     "replaced by a symlink": lambda box: (os.unlink(box / "new" / NAMES[0]),
                                           os.symlink("/etc/passwd", box / "new" / NAMES[0])),
-    "replaced by a new file": lambda box: (os.unlink(box / "new" / NAMES[1]),
-                                           (box / "new" / NAMES[1]).write_bytes(b"x\n" * 999)),
+    # The Maildir way (written in tmp/, renamed over): a new inode. Deleting a message and
+    # making another of the same unique name may reuse the inode; that is taken for the same
+    # message, as ScanCache takes the same names for the same messages.
+    "replaced by a new file": lambda box: ((box / "tmp" / "x").write_bytes(b"x\n" * 999),
+                                           os.rename(box / "tmp" / "x", box / "new" / NAMES[1])),
     "replaced by a FIFO": lambda box: (os.unlink(box / "new" / NAMES[1]),
                                        os.mkfifo(box / "new" / NAMES[1])),
     "removed": lambda box: os.unlink(box / "new" / NAMES[6]),
