@@ -244,7 +244,7 @@ class Maildir:
 
         With ``regular`` (the inodes readdir gave for the regular files of new/ and cur/), a
         message whose ledger entry names the same inode is taken from the ledger without a
-        stat: the plain path stats and checks every file (see ``_vouched``).
+        stat: the plain path stats and checks every file (the rule: ``_found``).
         """
         folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
         try:
@@ -252,8 +252,11 @@ class Maildir:
             found.sort()  # (sub, name) is unique: the last two fields are never compared
             entries = []
             used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
+            imported = self.imported
             for _, _, base, sub, name, st, vouched in found:
-                uid = self.imported.get(base) or uid_for(base)
+                # A ledger UIDL equal to the name passed UIDL_OK (parse, or uid_for): no regex.
+                uid = imported.get(base) or (base if vouched is not None and vouched.uidl == base
+                                             else uid_for(base))
                 if uid in used:
                     uid = uid_for(base) if uid_for(base) not in used else _digest(base)
                 used.add(uid)
@@ -274,40 +277,38 @@ class Maildir:
     def _found(self, folders: dict[str, int | None], listing: Listing, regular: Inodes
                ) -> list[tuple]:
         """(order kind, order number, base, sub, name, lstat or None, vouched ledger entry or
-        None) of every listed name that may be a message."""
+        None) of every listed name that may be a message.
+
+        A ledger entry vouches for a message, which is then not stat'd, when readdir says the
+        name is a regular file with the inode the entry recorded when the server measured it
+        (Maildir files are renamed, never rewritten: ScanCache takes the same names for the
+        same messages on the same rule), its size is valid for this sizing, and the order
+        needs no mtime (the previous server's, or a timed name). The user may forge the
+        ledger: a forged inode at best lists, under a size the user chose, a file that RETR
+        and DELE then refuse (they open and check it): their own maildrop only. A name
+        swapped for a symlink or a new file has another type or inode.
+        """
         found = []
-        vouch = self._vouched
+        known, imported = self.ledger.entries.get, self.imported
         for sub, names, inodes in zip(("new", "cur"), listing, regular):
             for name in names:
                 base = name.partition(":")[0]
-                order = vouch(base, name, inodes)  # inline checks: this runs per message
-                if order is not None:
-                    found.append((*order, base, sub, name, None, self.ledger.entries[base]))
-                    self.vouched += 1
-                    continue
+                # Inline: this runs per message of a cold login.
+                entry = known(base)
+                if entry is not None and entry.stored >= 0 and name[:1] != "." \
+                        and entry.inode >= 0 and inodes.get(name) == entry.inode:
+                    if base in imported:
+                        found.append((0, self._positions[base], base, sub, name, None, entry))
+                        continue
+                    head = name.partition(".")[0]
+                    if head.isascii() and head.isdigit():
+                        found.append((1, int(head), base, sub, name, None, entry))
+                        continue
                 st = self._servable(folders[sub], sub, name)
                 if st is not None:
                     found.append((*self._order(name, st), base, sub, name, st, None))
+        self.vouched += sum(1 for item in found if item[5] is None)
         return found
-
-    def _vouched(self, base: str, name: str, inodes: dict[str, int]) -> tuple[int, int] | None:
-        """The listing order of ``name`` when its ledger entry may stand in for a stat: readdir
-        says the name is a regular file with the inode the entry recorded when the server
-        measured it (Maildir files are renamed, never rewritten), its size is valid for this
-        sizing, and the order needs no mtime (the previous server's, or a timed name).
-
-        The user may forge the ledger: a forged inode at best lists, under a size the user
-        chose, a file that RETR and DELE then refuse (they open and check it): their own
-        maildrop only. A name swapped for a symlink or a new file has another type or inode.
-        """
-        entry = self.ledger.entries.get(base)
-        if entry is None or entry.inode < 0 or entry.stored < 0 \
-                or inodes.get(name) != entry.inode or name[:1] == ".":
-            return None
-        if base in self.imported:
-            return (0, self._positions[base])
-        head = name.partition(".")[0]
-        return (1, int(head)) if head.isascii() and head.isdigit() else None
 
     def _value(self, folder: int | None, sub: str, name: str, base: str, st: os.stat_result,
                uid: str) -> tuple[int, bool] | None:
