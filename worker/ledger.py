@@ -20,11 +20,12 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.logsetup import escaped, log
-from worker import safefs
+from worker import filecache, safefs
 from worker.storebase import UIDL_OK
 
 VERSION = 2                 # 2 added the inode; version 1 files are still read
@@ -36,6 +37,7 @@ MAX_NUMBER = 1 << 48        # sizes and times beyond this are not real
 NAME_OK = re.compile(r"[\x21-\x7e]{1,255}")  # Maildir unique names and mbox UIDLs, no spaces
 FUTURE_SLACK = 86400        # a clock set back a day does not invalidate the ledger
 _SERIAL = itertools.count()
+PARSED = filecache.ParsedFiles()  # this worker's parsed ledgers, by file identity and sizing
 
 
 class LedgerCorrupt(ValueError):
@@ -183,7 +185,36 @@ _LINE = rf"m [\x21-\x7e]{{1,255}} [\x21-\x7e]{{1,70}} {_NUM} {_OPT} [01] {_OPT}"
 _LINES = {7: re.compile(rf"(?:{_LINE}\n)*"), 8: re.compile(rf"(?:{_LINE} {_OPT}\n)*")}
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A ledger file as parsed, by column: what a worker keeps (worker.filecache) and turns
+    into a new ``Ledger`` for each session, which may change its own."""
+
+    last_login: int | None
+    dirty: bool
+    columns: tuple[Sequence[Any], ...]  # names, uidls, sizes, stored, foreign, firsts, inodes
+
+    @classmethod
+    def of(cls, ledger: Ledger) -> Parsed:
+        columns = tuple(zip(*((name, e.uidl, e.size, e.stored, e.foreign, e.first_retrieved,
+                               e.inode) for name, e in ledger.entries.items())))
+        return cls(ledger.last_login, ledger.dirty, columns or ((),) * 7)
+
+    def ledger(self, sizing: str) -> Ledger:
+        names, *rest = self.columns
+        return Ledger(sizing, self.last_login, dict(zip(names, map(Entry, *rest))),
+                      dirty=self.dirty)
+
+    @property
+    def size(self) -> int:
+        return len(self.columns[0])
+
+
 def parse(data: bytes, sizing: str, now: int) -> Ledger:
+    return _parse(data, sizing, now).ledger(sizing)
+
+
+def _parse(data: bytes, sizing: str, now: int) -> Parsed:
     """The ledger in ``data``; LedgerCorrupt at the first thing this server would not write.
 
     Sizes are kept only when they were measured with the same ``sizing`` (settings that
@@ -194,10 +225,10 @@ def parse(data: bytes, sizing: str, now: int) -> Ledger:
     """
     ledger, width, same_sizing, lines = _head(data, sizing, now)
     if len(lines) == 4:
-        return ledger
+        return Parsed.of(ledger)
     body = "\n".join(lines[3:])
     if _LINES[width].fullmatch(body) is None:
-        return parse_lines(data, sizing, now)
+        return Parsed.of(parse_lines(data, sizing, now))
     words = body.replace("\n", " ").split(" ")
     # Column by column, in C where possible: this runs per message of a cold login.
     names, uidls, sizes, stored, flags, firsts = (words[i:-1:width] for i in range(1, 7))
@@ -210,34 +241,36 @@ def parse(data: bytes, sizing: str, now: int) -> Ledger:
     if max(sizes_n) >= MAX_NUMBER or max(stored_n) >= MAX_NUMBER \
             or max(inodes_n) >= MAX_NUMBER or len(set(names)) != len(names) \
             or (times and max(times) > now + FUTURE_SLACK):
-        return parse_lines(data, sizing, now)  # names the problem
+        return Parsed.of(parse_lines(data, sizing, now))  # names the problem
     if not same_sizing:
         stored_n = [-1] * len(names)
     foreign = [flag == "1" for flag in flags]
-    ledger.entries = dict(zip(names, map(Entry, uidls, sizes_n, stored_n, foreign, firsts_n,
-                                         inodes_n)))
-    return ledger
+    return Parsed(ledger.last_login, ledger.dirty,
+                  (names, uidls, sizes_n, stored_n, foreign, firsts_n, inodes_n))
 
 
 def load(folder: int, name: str, owners: tuple[int, ...], sizing: str, where: str) -> Ledger:
     """The ledger ``name`` in the directory ``folder``; an empty one (to be rebuilt) when it
-    is missing, too big, not a regular file of one of ``owners``, or corrupt (logged)."""
+    is missing, too big, not a regular file of one of ``owners``, or corrupt (logged). A file
+    this worker parsed before and nobody changed since is not read again (PARSED)."""
     now = int(time.time())
     try:
         fd = safefs.open_regular(folder, name, None)
-        uid = os.fstat(fd).st_uid
-        if uid not in owners:
+        st = os.fstat(fd)
+        if st.st_uid not in owners:
             os.close(fd)
-            raise safefs.UnsafeEntry(0, f"owned by uid {uid}", name)
+            raise safefs.UnsafeEntry(0, f"owned by uid {st.st_uid}", name)
     except FileNotFoundError:
         return Ledger(sizing, dirty=True, fresh=True)
     except OSError as exc:
         log.info("ledger of %s not used (%s); rebuilding it", escaped(where), exc.strerror)
         return Ledger(sizing, dirty=True, fresh=True)
+    key = (filecache.identity(st), sizing)
     try:
-        data = b"" if os.fstat(fd).st_size > MAX_BYTES else os.read(fd, MAX_BYTES + 1)
-        while data and len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
-            data += more
+        parsed = PARSED.get(key)
+        if parsed is not None:
+            return parsed.ledger(sizing)
+        data = b"" if st.st_size > MAX_BYTES else _read_all(fd)
     except OSError as exc:
         log.info("ledger of %s unreadable (%s); rebuilding it", escaped(where), exc.strerror)
         return Ledger(sizing, dirty=True, fresh=True)
@@ -246,10 +279,20 @@ def load(folder: int, name: str, owners: tuple[int, ...], sizing: str, where: st
     try:
         if not data or len(data) > MAX_BYTES:
             raise LedgerCorrupt(f"empty or larger than {MAX_BYTES} bytes")
-        return parse(data, sizing, now)
+        parsed = _parse(data, sizing, now)
     except LedgerCorrupt as exc:
         log.info("ledger of %s is corrupt (%s); rebuilding it", escaped(where), exc)
         return Ledger(sizing, dirty=True, fresh=True)
+    PARSED.put(key, parsed, max(parsed.size, 1))
+    return parsed.ledger(sizing)
+
+
+def _read_all(fd: int) -> bytes:
+    """At most MAX_BYTES + 1 bytes of ``fd`` (more means too big)."""
+    data = os.read(fd, MAX_BYTES + 1)
+    while data and len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
+        data += more
+    return data
 
 
 def save(folder: int, name: str, ledger: Ledger, owner: tuple[int, int] | None,
