@@ -129,3 +129,24 @@ def test_forged_inode_lists_at_most_a_file_that_is_then_refused(tmp_path):
             drop.open_message(listed[name])
     finally:
         drop.unlock()
+
+
+def test_many_messages_measured_at_once_give_the_sequential_result(tmp_path, monkeypatch):
+    """A first scan of many messages measures them several at a time (overlapping the disk
+    waits of a cold cache): the same list, sizes, UIDLs, skips and ledger as one at a time."""
+    box = tmp_path / "Maildir"
+    ensure_maildir(str(box))
+    count = 3 * maildirs.PARALLEL_FROM
+    for i in range(count):
+        sub = "cur" if i % 3 else "new"
+        name = f"{1700000000 + i % 17}.M{i}P1.host" + (":2,S" if sub == "cur" else "")
+        (box / sub / name).write_bytes(b"Subject: %d\r\n\n" % i + b"x\r\ny\n" * (i % 13))
+    os.symlink("/etc/passwd", box / "new" / "1700000000.Mlink.host")
+    os.mkfifo(box / "new" / "1700000000.Mfifo.host")
+    parallel, drop = _scan(box)
+    ledger_text = (box / ".iupop3.ledger").read_text().split("\n", 3)[3]
+    os.unlink(box / ".iupop3.ledger")
+    monkeypatch.setattr("worker.maildir.PARALLEL_FROM", 10**9)
+    sequential, _ = _scan(box)
+    assert parallel == sequential and len(parallel) == count
+    assert (box / ".iupop3.ledger").read_text().split("\n", 3)[3] == ledger_text

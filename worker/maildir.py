@@ -13,7 +13,6 @@ import errno
 import hashlib
 import os
 import stat
-import threading
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -22,6 +21,10 @@ from shared.logsetup import escaped, log
 from worker import ledger as ledgers
 from worker import maildirquota, migration, safefs
 from worker.ledger import Ledger
+from worker.maildirscan import (MEASURERS, PARALLEL_FROM, SCANS, Entry, Inodes, Listing,
+                                measurers)
+from worker.maildirscan import listing as _listing
+from worker.maildirscan import open_sub as _open_sub
 from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, fault_stop_point, session_flock)
@@ -31,40 +34,6 @@ LEDGER_NAME = ".iupop3.ledger"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
 SUBS = ("cur", "new", "tmp")
 
-Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
-Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
-Inodes = tuple[dict[str, int], dict[str, int]]   # readdir's inode of each regular file, new/ cur/
-
-
-class ScanCache:
-    """The last scan of each maildrop in this worker, by the exact names in new/ and cur/.
-
-    A second session sees the same list without a stat or a read per message. Maildir files
-    never change in place (only renames, which change the names), so the same names mean the
-    same messages; a listing is exact where folder mtimes are not (one-tick granularity, NFS
-    clocks). Scans run in the worker's thread pool, several at once: hence the lock.
-    """
-
-    def __init__(self, limit: int = 1024):
-        self.limit = limit
-        self._scans: dict[str, tuple[Listing, Sizing, list[Entry]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, where: str, listing: Listing, sizing: Sizing) -> list[Entry] | None:
-        with self._lock:
-            cached = self._scans.get(where)
-        if cached is not None and cached[0] == listing and cached[1] is sizing:
-            return cached[2]
-        return None
-
-    def put(self, where: str, listing: Listing, sizing: Sizing, entries: list[Entry]) -> None:
-        with self._lock:
-            if len(self._scans) >= self.limit:
-                self._scans.pop(next(iter(self._scans)))
-            self._scans[where] = (listing, sizing, entries)
-
-
-SCANS = ScanCache()  # one per worker process: sessions of one worker share it
 
 
 def _digest(base: str) -> str:
@@ -250,6 +219,7 @@ class Maildir:
         try:
             found = self._found(folders, listing, regular or ({}, {}))
             found.sort()  # (sub, name) is unique: the last two fields are never compared
+            measured = self._measure_new(folders, found)
             entries = []
             used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
             imported = self.imported
@@ -265,7 +235,7 @@ class Maildir:
                         vouched.uidl, self.ledger.dirty = uid, True
                     value: tuple[int, bool] | None = (vouched.size, vouched.foreign)
                 else:
-                    value = self._value(folders[sub], sub, name, base, st, uid)
+                    value = self._value(folders[sub], sub, name, base, st, uid, measured)
                 if value is not None:
                     entries.append((uid, value[0], f"{self.path}/{sub}/{name}", base, value[1]))
             return entries
@@ -310,12 +280,31 @@ class Maildir:
         self.vouched += sum(1 for item in found if item[5] is None)
         return found
 
+    def _measure_new(self, folders: dict[str, int | None], found: list[tuple]
+                     ) -> dict[tuple[str, str], tuple[int, bool] | None]:
+        """(size, foreign) of the stat'd messages the ledger has no size for, measured several
+        at a time when there are many: with a cold page cache each waits for the disk, and
+        the waits overlap (the GIL is released while a thread reads)."""
+        entries = self.ledger.entries
+        todo = [(sub, name, base, st) for _, _, base, sub, name, st, _ in found
+                if st is not None and folders[sub] is not None
+                and ((entry := entries.get(base)) is None or entry.stored != st.st_size)]
+        if len(todo) < PARALLEL_FROM:
+            return {}
+        slices = [todo[i::MEASURERS] for i in range(MEASURERS)]
+        results = measurers().map(lambda part: [self._measure(folders[sub], sub, name, base, st)
+                                                 for sub, name, base, st in part], slices)
+        return {(sub, name): value for part, values in zip(slices, results)
+                for (sub, name, _, _), value in zip(part, values)}
+
     def _value(self, folder: int | None, sub: str, name: str, base: str, st: os.stat_result,
-               uid: str) -> tuple[int, bool] | None:
+               uid: str, measured: dict[tuple[str, str], tuple[int, bool] | None]
+               ) -> tuple[int, bool] | None:
         """(size, foreign) of a stat'd message: from the ledger, else measured (and learned)."""
         value = self.ledger.known(base, st.st_size, uid, st.st_ino)
         if value is None and folder is not None:
-            value = self._measure(folder, sub, name, base, st)
+            value = measured[sub, name] if (sub, name) in measured else \
+                self._measure(folder, sub, name, base, st)
             if value is not None:
                 self.ledger.learn(base, uid, value[0], st.st_size, value[1], st.st_ino)
         return value
@@ -519,14 +508,6 @@ class Maildir:
         raise FileNotFoundError(errno.ENOENT, "no longer in the maildrop", base)
 
 
-def _open_sub(root: int, sub: str) -> int | None:
-    """cur/ or new/ of the Maildir, never through a symlink; None when missing."""
-    try:
-        return safefs.open_dir(root, sub)
-    except FileNotFoundError:
-        return None
-
-
 def _lstat(folder: int | None, name: str) -> os.stat_result | None:
     """lstat of ``name`` in ``folder`` (never dir_fd=None: that would be the working dir)."""
     if folder is None:
@@ -543,32 +524,6 @@ def _open_in(root: int, sub: str, name: str, owner: int | None) -> int:
         return safefs.open_regular(folder, name, owner)
     finally:
         os.close(folder)
-
-
-def _listing(root: int) -> tuple[Listing, Inodes]:
-    """The names in new/ and cur/ (a missing folder is empty), and the inode of each name that
-    readdir says is a regular file (its d_type: no stat; a file system that does not say is
-    stat'd by ``DirEntry.is_file``)."""
-    found = []
-    regular: list[dict[str, int]] = []
-    for sub in ("new", "cur"):
-        folder = _open_sub(root, sub)
-        inodes: dict[str, int] = {}
-        regular.append(inodes)
-        if folder is None:
-            found.append(frozenset())
-            continue
-        try:
-            with os.scandir(folder) as entries:
-                names = []
-                for entry in entries:
-                    names.append(entry.name)
-                    if entry.is_file(follow_symlinks=False):
-                        inodes[entry.name] = entry.inode()
-            found.append(frozenset(names))
-        finally:
-            os.close(folder)
-    return (found[0], found[1]), (regular[0], regular[1])
 
 
 def _delivery_time(name: str, st: os.stat_result) -> int:
