@@ -33,7 +33,7 @@ LOCK_NAME = ".iupop3.lock"
 LEDGER_NAME = ".iupop3.ledger"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
 SUBS = ("cur", "new", "tmp")
-
+IMPORTED = 1 << 62  # ranks of imported messages lie this far below any delivery time
 
 
 def _digest(base: str) -> str:
@@ -223,7 +223,7 @@ class Maildir:
             entries = []
             used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
             imported = self.imported
-            for _, _, base, sub, name, st, vouched in found:
+            for _, base, sub, name, st, vouched in found:
                 # A ledger UIDL equal to the name passed UIDL_OK (parse, or uid_for): no regex.
                 uid = imported.get(base) or (base if vouched is not None and vouched.uidl == base
                                              else uid_for(base))
@@ -246,8 +246,8 @@ class Maildir:
 
     def _found(self, folders: dict[str, int | None], listing: Listing, regular: Inodes
                ) -> list[tuple]:
-        """(order kind, order number, base, sub, name, lstat or None, vouched ledger entry or
-        None) of every listed name that may be a message.
+        """(rank, base, sub, name, lstat or None, vouched ledger entry or None) of every listed
+        name that may be a message; ``_order`` says what the rank is.
 
         A ledger entry vouches for a message, which is then not stat'd, when readdir says the
         name is a regular file with the inode the entry recorded when the server measured it
@@ -268,16 +268,16 @@ class Maildir:
                 if entry is not None and entry.stored >= 0 and name[:1] != "." \
                         and entry.inode >= 0 and inodes.get(name) == entry.inode:
                     if base in imported:
-                        found.append((0, self._positions[base], base, sub, name, None, entry))
+                        found.append((self._positions[base] - IMPORTED, base, sub, name, None, entry))
                         continue
                     head = name.partition(".")[0]
                     if head.isascii() and head.isdigit():
-                        found.append((1, int(head), base, sub, name, None, entry))
+                        found.append((int(head), base, sub, name, None, entry))
                         continue
                 st = self._servable(folders[sub], sub, name)
                 if st is not None:
-                    found.append((*self._order(name, st), base, sub, name, st, None))
-        self.vouched += sum(1 for item in found if item[5] is None)
+                    found.append((self._order(name, st), base, sub, name, st, None))
+        self.vouched += sum(1 for item in found if item[4] is None)
         return found
 
     def _measure_new(self, folders: dict[str, int | None], found: list[tuple]
@@ -286,7 +286,7 @@ class Maildir:
         at a time when there are many: with a cold page cache each waits for the disk, and
         the waits overlap (the GIL is released while a thread reads)."""
         entries = self.ledger.entries
-        todo = [(sub, name, base, st) for _, _, base, sub, name, st, _ in found
+        todo = [(sub, name, base, st) for _, base, sub, name, st, _ in found
                 if st is not None and folders[sub] is not None
                 and ((entry := entries.get(base)) is None or entry.stored != st.st_size)]
         if len(todo) < PARALLEL_FROM:
@@ -309,13 +309,14 @@ class Maildir:
                 self.ledger.learn(base, uid, value[0], st.st_size, value[1], st.st_ino)
         return value
 
-    def _order(self, name: str, st: os.stat_result) -> tuple[int, int]:
-        """Where a message is listed: the previous server's order first (so a client sees the
-        same list after the move), then by delivery time."""
+    def _order(self, name: str, st: os.stat_result) -> int:
+        """Where a message is listed (its rank, sorted first): the previous server's order
+        first (so a client sees the same list after the move), then by delivery time. One
+        int, not a (kind, number) pair: a scan sorts thousands of these."""
         base = name.split(":", 1)[0]
         if base in self.imported:
-            return (0, self._positions[base])
-        return (1, _delivery_time(name, st))
+            return self._positions[base] - IMPORTED
+        return _delivery_time(name, st)
 
     def _servable(self, folder: int | None, sub: str, name: str) -> os.stat_result | None:
         """The lstat of a listed name if it may be a message, else None (logged)."""
