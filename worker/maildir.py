@@ -335,11 +335,12 @@ class Maildir:
     def _measure(self, folder: int, sub: str, name: str, base: str,
                  st: os.stat_result) -> tuple[int, bool] | None:
         key: Hashable = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
+        owner = self.owner
 
-        @contextmanager
-        def stored() -> Iterator[BinaryIO]:
-            with os.fdopen(safefs.open_regular(folder, name, self.owner, st), "rb") as fh:
-                yield fh
+        def stored() -> BinaryIO:
+            # The file is its own context manager (closed on exit): no @contextmanager
+            # wrapper made per message of a first scan.
+            return os.fdopen(safefs.open_regular(folder, name, owner, st), "rb")
 
         try:
             return self.sizing.size_of(key, stored)
