@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Hashable, Iterator
+from concurrent.futures import wait
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -286,16 +287,21 @@ class Maildir:
         at a time when there are many: with a cold page cache each waits for the disk, and
         the waits overlap (the GIL is released while a thread reads)."""
         entries = self.ledger.entries
-        todo = [(sub, name, base, st) for _, base, sub, name, st, _ in found
+        todo = [(folders[sub], sub, name, base, st) for _, base, sub, name, st, _ in found
                 if st is not None and folders[sub] is not None
                 and ((entry := entries.get(base)) is None or entry.stored != st.st_size)]
         if len(todo) < PARALLEL_FROM:
             return {}
         slices = [todo[i::MEASURERS] for i in range(MEASURERS)]
-        results = measurers().map(lambda part: [self._measure(folders[sub], sub, name, base, st)
-                                                 for sub, name, base, st in part], slices)
-        return {(sub, name): value for part, values in zip(slices, results)
-                for (sub, name, _, _), value in zip(part, values)}
+        jobs = [measurers().submit(self._measure_slice, part) for part in slices]
+        # Every thread is done with the folder descriptors before they are closed (whatever
+        # failed): a number closed and reused would send a late open elsewhere.
+        wait(jobs)
+        return {(sub, name): value for part, job in zip(slices, jobs)
+                for (_, sub, name, _, _), value in zip(part, job.result())}
+
+    def _measure_slice(self, part: list[tuple]) -> list[tuple[int, bool] | None]:
+        return [self._measure(*item) for item in part]
 
     def _value(self, folder: int | None, sub: str, name: str, base: str, st: os.stat_result,
                uid: str, measured: dict[tuple[str, str], tuple[int, bool] | None]
