@@ -88,6 +88,8 @@ class Ledger:
 
     def keep_only(self, names: set[str]) -> None:
         """Forget messages no longer in the maildrop."""
+        if self.entries.keys() <= names:  # in C: at most logins nothing is gone
+            return
         gone = [name for name in self.entries if name not in names]
         for name in gone:
             del self.entries[name]

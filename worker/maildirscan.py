@@ -88,6 +88,8 @@ def listing(root: int) -> tuple[Listing, Inodes]:
                 names = []
                 for entry in entries:
                     names.append(entry.name)
+                    # Here, while the iterator's descriptor is open: where readdir gives no
+                    # file type, is_file() stats relative to it.
                     if entry.is_file(follow_symlinks=False):
                         inodes[entry.name] = entry.inode()
             found.append(frozenset(names))
