@@ -25,9 +25,10 @@ def identity(st: os.stat_result) -> Identity:
 
 class ParsedFiles:
     """Parsed values by (file identity, what else the parse depended on); the oldest go first
-    once ``max_files`` files or ``max_weight`` (the caller's unit: messages) are held."""
+    once ``max_files`` files or ``max_weight`` (the caller's unit: messages; some 300 bytes
+    each, so about 30 MB at most) are held."""
 
-    def __init__(self, max_files: int = 4096, max_weight: int = 500_000):
+    def __init__(self, max_files: int = 4096, max_weight: int = 100_000):
         self.max_files = max_files
         self.max_weight = max_weight
         self._items: dict[Hashable, tuple[Any, int]] = {}
