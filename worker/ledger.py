@@ -20,9 +20,10 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import repeat
+from typing import NamedTuple
 
 from shared.logsetup import escaped, log
 from worker import filecache, safefs
@@ -44,8 +45,10 @@ class LedgerCorrupt(ValueError):
     """A ledger that is not what this server writes; the caller rebuilds it."""
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One message's line. Immutable: a worker's cache (PARSED) shares entries between
+    sessions, so a change replaces the entry in that session's ``Ledger.entries``."""
+
     uidl: str
     size: int           # octets RETR sends (served form, for the ledger's sizing)
     stored: int         # the stored file's size when measured: a changed file is re-measured
@@ -69,10 +72,11 @@ class Ledger:
         entry = self.entries.get(name)
         if entry is None or entry.stored != stored:
             return None
-        if entry.uidl != uidl:  # the UIDL comes from the name or the import table, never from here
-            entry.uidl, self.dirty = uidl, True
-        if inode >= 0 and entry.inode != inode:
-            entry.inode, self.dirty = inode, True
+        inode = inode if inode >= 0 else entry.inode
+        # The UIDL comes from the name or the import table, never from here.
+        if entry.uidl != uidl or entry.inode != inode:
+            self.entries[name] = entry._replace(uidl=uidl, inode=inode)
+            self.dirty = True
         return entry.size, entry.foreign
 
     def learn(self, name: str, uidl: str, size: int, stored: int, foreign: bool,
@@ -108,9 +112,10 @@ class Ledger:
             if len(self.entries) >= MAX_ENTRIES or not NAME_OK.fullmatch(name) \
                     or not UIDL_OK.fullmatch(uidl):
                 return
-            entry = self.entries[name] = Entry(uidl, 0, -1, False)
+            entry = Entry(uidl, 0, -1, False)
         if entry.first_retrieved is None:
-            entry.first_retrieved, self.dirty = now, True
+            self.entries[name] = entry._replace(first_retrieved=now)
+            self.dirty = True
 
     def first_retrieved(self, name: str) -> int | None:
         entry = self.entries.get(name)
@@ -138,15 +143,17 @@ def _number(word: str, now: int, optional: bool = False, time_value: bool = Fals
     return value
 
 
-def _head(data: bytes, sizing: str, now: int) -> tuple[Ledger, int, bool, list[str]]:
-    """(the ledger without its messages, words per message line, same sizing?, the lines)."""
+def _head(data: bytes, sizing: str, now: int) -> tuple[Ledger, int, bool, str]:
+    """(the ledger without its messages, words per message line, same sizing?, the message
+    lines as one text, each ended by a newline)."""
     try:
-        lines = data.decode("ascii").split("\n")
+        text = data.decode("ascii")
     except UnicodeDecodeError:
         raise LedgerCorrupt("not ASCII") from None
-    if len(lines) < 4 or lines[0] not in HEADERS or lines[-1] != "":
+    lines = text.split("\n", 3)
+    if len(lines) < 4 or lines[0] not in HEADERS or not text.endswith("\n"):
         raise LedgerCorrupt("no header of a known version, or not ended by a newline")
-    if len(lines) > MAX_ENTRIES + 4:
+    if text.count("\n") > MAX_ENTRIES + 3:
         raise LedgerCorrupt("too many lines")
     stored_sizing = lines[1].removeprefix("sizing ").replace("-", "", lines[1] == "sizing -")
     login = lines[2].split(" ")
@@ -154,15 +161,15 @@ def _head(data: bytes, sizing: str, now: int) -> tuple[Ledger, int, bool, list[s
         raise LedgerCorrupt("bad sizing or login line")
     ledger = Ledger(sizing, _number(login[1], now, optional=True, time_value=True))
     ledger.dirty = stored_sizing != sizing
-    return ledger, HEADERS[lines[0]], stored_sizing == sizing, lines
+    return ledger, HEADERS[lines[0]], stored_sizing == sizing, lines[3]
 
 
 def parse_lines(data: bytes, sizing: str, now: int) -> Ledger:
     """The ledger in ``data``, checked line by line (the plain path: ``parse`` is the fast one
     and must give the same result); LedgerCorrupt at the first thing this server would not
     write."""
-    ledger, width, same_sizing, lines = _head(data, sizing, now)
-    for line in lines[3:-1]:
+    ledger, width, same_sizing, body = _head(data, sizing, now)
+    for line in body.split("\n")[:-1]:
         words = line.split(" ")
         if len(words) != width or words[0] != "m" or not NAME_OK.fullmatch(words[1]) \
                 or not UIDL_OK.fullmatch(words[2]) or words[5] not in ("0", "1"):
@@ -189,27 +196,23 @@ _LINES = {7: re.compile(rf"(?:{_LINE}\n)*"), 8: re.compile(rf"(?:{_LINE} {_OPT}\
 
 @dataclass(frozen=True)
 class Parsed:
-    """A ledger file as parsed, by column: what a worker keeps (worker.filecache) and turns
-    into a new ``Ledger`` for each session, which may change its own."""
+    """A ledger file as parsed: what a worker keeps (PARSED) and copies into a new ``Ledger``
+    for each session (the entries are immutable; each session changes its own dict)."""
 
     last_login: int | None
     dirty: bool
-    columns: tuple[Sequence[Any], ...]  # names, uidls, sizes, stored, foreign, firsts, inodes
+    entries: dict[str, Entry]
 
     @classmethod
     def of(cls, ledger: Ledger) -> Parsed:
-        columns = tuple(zip(*((name, e.uidl, e.size, e.stored, e.foreign, e.first_retrieved,
-                               e.inode) for name, e in ledger.entries.items())))
-        return cls(ledger.last_login, ledger.dirty, columns or ((),) * 7)
+        return cls(ledger.last_login, ledger.dirty, dict(ledger.entries))
 
     def ledger(self, sizing: str) -> Ledger:
-        names, *rest = self.columns
-        return Ledger(sizing, self.last_login, dict(zip(names, map(Entry, *rest))),
-                      dirty=self.dirty)
+        return Ledger(sizing, self.last_login, dict(self.entries), dirty=self.dirty)
 
     @property
     def size(self) -> int:
-        return len(self.columns[0])
+        return len(self.entries)
 
 
 def parse(data: bytes, sizing: str, now: int) -> Ledger:
@@ -225,30 +228,34 @@ def _parse(data: bytes, sizing: str, now: int) -> Parsed:
     cold login of 5,000 messages parses this while the client waits); when the regex
     refuses, the plain ``parse_lines`` finds and names the bad line.
     """
-    ledger, width, same_sizing, lines = _head(data, sizing, now)
-    if len(lines) == 4:
+    ledger, width, same_sizing, body = _head(data, sizing, now)
+    if not body:
         return Parsed.of(ledger)
-    body = "\n".join(lines[3:])
     if _LINES[width].fullmatch(body) is None:
         return Parsed.of(parse_lines(data, sizing, now))
     words = body.replace("\n", " ").split(" ")
     # Column by column, in C where possible: this runs per message of a cold login.
     names, uidls, sizes, stored, flags, firsts = (words[i:-1:width] for i in range(1, 7))
+    count = len(names)
+    unknown = {"-": "-1"}.get  # "-" (no value) reads as -1; the regex let no "-1" through
     sizes_n = list(map(int, sizes))
-    stored_n = [-1 if word == "-" else int(word) for word in stored]
-    firsts_n = [None if word == "-" else int(word) for word in firsts]
-    inodes_n = [-1 if word == "-" else int(word) for word in words[7:-1:width]] \
-        if width == 8 else [-1] * len(names)
-    times = [value for value in firsts_n if value is not None]
+    stored_n = list(map(int, map(unknown, stored, stored)))
+    inode_words = words[7:-1:width] if width == 8 else ["-"] * count
+    inodes_n = list(map(int, map(unknown, inode_words, inode_words)))
+    times = [int(word) for word in firsts if word != "-"]
+    firsts_n = [None if word == "-" else int(word) for word in firsts] if times \
+        else [None] * count
     if max(sizes_n) >= MAX_NUMBER or max(stored_n) >= MAX_NUMBER \
-            or max(inodes_n) >= MAX_NUMBER or len(set(names)) != len(names) \
+            or max(inodes_n) >= MAX_NUMBER or len(set(names)) != count \
             or (times and max(times) > now + FUTURE_SLACK):
         return Parsed.of(parse_lines(data, sizing, now))  # names the problem
     if not same_sizing:
-        stored_n = [-1] * len(names)
-    foreign = [flag == "1" for flag in flags]
-    return Parsed(ledger.last_login, ledger.dirty,
-                  (names, uidls, sizes_n, stored_n, foreign, firsts_n, inodes_n))
+        stored_n = [-1] * count
+    foreign = list(map("1".__eq__, flags))
+    # tuple.__new__ makes each Entry in C (no Python __new__ per message).
+    rows = map(tuple.__new__, repeat(Entry), zip(uidls, sizes_n, stored_n, foreign, firsts_n,
+                                                  inodes_n))
+    return Parsed(ledger.last_login, ledger.dirty, dict(zip(names, rows)))
 
 
 def load(folder: int, name: str, owners: tuple[int, ...], sizing: str, where: str) -> Ledger:

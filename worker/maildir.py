@@ -233,7 +233,8 @@ class Maildir:
                 used.add(uid)
                 if st is None:
                     if vouched.uidl != uid:  # the UIDL comes from the name or the import table
-                        vouched.uidl, self.ledger.dirty = uid, True
+                        self.ledger.entries[base] = vouched._replace(uidl=uid)
+                        self.ledger.dirty = True
                     value: tuple[int, bool] | None = (vouched.size, vouched.foreign)
                 else:
                     value = self._value(folders[sub], sub, name, base, st, uid, measured)
