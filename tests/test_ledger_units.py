@@ -55,7 +55,7 @@ def test_ledger_entry_of_a_changed_file_is_not_used():
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda t: t.replace(b"iupop3-ledger 1", b"iupop3-ledger 9"),
+    lambda t: t.replace(ledger.HEADER.encode(), b"iupop3-ledger 9"),
     lambda t: t[:-1],                                        # no final newline
     lambda t: t + b"m a b 1 1 0 -\nm a b 1 1 0 -\n",         # one name twice
     lambda t: t + b"m ../../etc/passwd x 1 1 0 -\n".replace(b"x", b"u i"),  # space in UIDL

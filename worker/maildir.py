@@ -13,8 +13,8 @@ import errno
 import hashlib
 import os
 import stat
-import threading
 from collections.abc import Hashable, Iterator
+from concurrent.futures import wait
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -22,6 +22,10 @@ from shared.logsetup import escaped, log
 from worker import ledger as ledgers
 from worker import maildirquota, migration, safefs
 from worker.ledger import Ledger
+from worker.maildirscan import (MEASURERS, PARALLEL_FROM, SCANS, Entry, Inodes, Listing,
+                                measurers)
+from worker.maildirscan import listing as _listing
+from worker.maildirscan import open_sub as _open_sub
 from worker.safefs import UnsafeEntry
 from worker.storebase import (FOREIGN_FOLDER, PLAIN, UIDL_OK, WASTEBASKET, MaildropError,
                               LockKey, Message, Sizing, fault_stop_point, session_flock)
@@ -30,40 +34,7 @@ LOCK_NAME = ".iupop3.lock"
 LEDGER_NAME = ".iupop3.ledger"
 MARKER = "maildirfolder"  # Maildir++: this directory is a folder, not a Maildir of its own
 SUBS = ("cur", "new", "tmp")
-
-Listing = tuple[frozenset[str], frozenset[str]]   # the names in new/ and cur/
-Entry = tuple[str, int, str, str, bool]           # (uid, size, path, base, foreign)
-
-
-class ScanCache:
-    """The last scan of each maildrop in this worker, by the exact names in new/ and cur/.
-
-    A second session sees the same list without a stat or a read per message. Maildir files
-    never change in place (only renames, which change the names), so the same names mean the
-    same messages; a listing is exact where folder mtimes are not (one-tick granularity, NFS
-    clocks). Scans run in the worker's thread pool, several at once: hence the lock.
-    """
-
-    def __init__(self, limit: int = 1024):
-        self.limit = limit
-        self._scans: dict[str, tuple[Listing, Sizing, list[Entry]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, where: str, listing: Listing, sizing: Sizing) -> list[Entry] | None:
-        with self._lock:
-            cached = self._scans.get(where)
-        if cached is not None and cached[0] == listing and cached[1] is sizing:
-            return cached[2]
-        return None
-
-    def put(self, where: str, listing: Listing, sizing: Sizing, entries: list[Entry]) -> None:
-        with self._lock:
-            if len(self._scans) >= self.limit:
-                self._scans.pop(next(iter(self._scans)))
-            self._scans[where] = (listing, sizing, entries)
-
-
-SCANS = ScanCache()  # one per worker process: sessions of one worker share it
+IMPORTED = 1 << 62  # ranks of imported messages lie this far below any delivery time
 
 
 def _digest(base: str) -> str:
@@ -116,6 +87,7 @@ class Maildir:
         self.ledger = Ledger(ledgers.sizing_fingerprint(sizing), fresh=True)
         self.imported: migration.Imported = {}
         self._positions: dict[str, int] = {}
+        self.vouched = 0  # messages the ledger vouched for (no stat) in this session's scans
         self.home = home  # ``trusted`` is the account's home: never made here (safefs.walk)
         self.wastebasket = wastebasket
         self.purge = purge
@@ -225,57 +197,133 @@ class Maildir:
     def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages of the maildrop, oldest first, at most ``maxmsg`` (0 = all)."""
         with self._root() as root:
-            listing = _listing(root)
+            listing, regular = _listing(root)
             # A rebuilt ledger is filled from the files, not from this worker's memory.
             entries = None if self.ledger.fresh else SCANS.get(self.path, listing, self.sizing)
             if entries is None:
-                entries = self._measure_all(root, listing)
+                entries = self._measure_all(root, listing, regular)
                 SCANS.put(self.path, listing, self.sizing, entries)
         if maxmsg:
             entries = entries[:maxmsg]
         return [Message(index, uid, size, path, base, foreign)
                 for index, (uid, size, path, base, foreign) in enumerate(entries)]
 
-    def _measure_all(self, root: int, listing: Listing) -> list[Entry]:
-        """(uid, size, path, base, foreign) of every servable message, oldest first."""
+    def _measure_all(self, root: int, listing: Listing, regular: Inodes | None = None
+                     ) -> list[Entry]:
+        """(uid, size, path, base, foreign) of every servable message, oldest first.
+
+        With ``regular`` (the inodes readdir gave for the regular files of new/ and cur/), a
+        message whose ledger entry names the same inode is taken from the ledger without a
+        stat: the plain path stats and checks every file (the rule: ``_found``).
+        """
         folders = {sub: _open_sub(root, sub) for sub in ("new", "cur")}
         try:
-            found = []
-            for sub, names in zip(("new", "cur"), listing):
-                for name in names:
-                    st = self._servable(folders[sub], sub, name)
-                    if st is not None:
-                        found.append((self._order(name, st), name.split(":", 1)[0], sub,
-                                      name, st))
-            found.sort(key=lambda item: item[:4])
+            found = self._found(folders, listing, regular or ({}, {}))
+            found.sort()  # (sub, name) is unique: the last two fields are never compared
+            measured = self._measure_new(folders, found)
             entries = []
             used: set[str] = set()  # RFC 1939 7: unique; an imported table may say otherwise
-            for _, base, sub, name, st in found:
-                uid = self.imported.get(base) or uid_for(base)
+            imported = self.imported
+            for _, base, sub, name, st, vouched in found:
+                # A ledger UIDL equal to the name passed UIDL_OK (parse, or uid_for): no regex.
+                uid = imported.get(base) or (base if vouched is not None and vouched.uidl == base
+                                             else uid_for(base))
                 if uid in used:
                     uid = uid_for(base) if uid_for(base) not in used else _digest(base)
                 used.add(uid)
-                value = self.ledger.known(base, st.st_size, uid)
-                if value is None:
-                    value = self._measure(folders[sub], sub, name, base, st)
-                    if value is not None:
-                        self.ledger.learn(base, uid, value[0], st.st_size, value[1])
+                if st is None:
+                    if vouched.uidl != uid:  # the UIDL comes from the name or the import table
+                        self.ledger.entries[base] = vouched._replace(uidl=uid)
+                        self.ledger.dirty = True
+                    value: tuple[int, bool] | None = (vouched.size, vouched.foreign)
+                else:
+                    value = self._value(folders[sub], sub, name, base, st, uid, measured)
                 if value is not None:
-                    path = f"{self.path}/{sub}/{name}"
-                    entries.append((uid, value[0], path, base, value[1]))
+                    entries.append((uid, value[0], f"{self.path}/{sub}/{name}", base, value[1]))
             return entries
         finally:
             for fd in folders.values():
                 if fd is not None:
                     os.close(fd)
 
-    def _order(self, name: str, st: os.stat_result) -> tuple[int, int]:
-        """Where a message is listed: the previous server's order first (so a client sees the
-        same list after the move), then by delivery time."""
+    def _found(self, folders: dict[str, int | None], listing: Listing, regular: Inodes
+               ) -> list[tuple]:
+        """(rank, base, sub, name, lstat or None, vouched ledger entry or None) of every listed
+        name that may be a message; ``_order`` says what the rank is.
+
+        A ledger entry vouches for a message, which is then not stat'd, when readdir says the
+        name is a regular file with the inode the entry recorded when the server measured it
+        (Maildir files are renamed, never rewritten: ScanCache takes the same names for the
+        same messages on the same rule), its size is valid for this sizing, and the order
+        needs no mtime (the previous server's, or a timed name). The user may forge the
+        ledger: a forged inode at best lists, under a size the user chose, a file that RETR
+        and DELE then refuse (they open and check it): their own maildrop only. A name
+        swapped for a symlink or a new file has another type or inode.
+        """
+        found = []
+        known, imported = self.ledger.entries.get, self.imported
+        for sub, names, inodes in zip(("new", "cur"), listing, regular):
+            for name in names:
+                base = name.partition(":")[0]
+                # Inline: this runs per message of a cold login.
+                entry = known(base)
+                if entry is not None and entry.stored >= 0 and name[:1] != "." \
+                        and entry.inode >= 0 and inodes.get(name) == entry.inode:
+                    if base in imported:
+                        found.append((self._positions[base] - IMPORTED, base, sub, name, None, entry))
+                        continue
+                    head = name.partition(".")[0]
+                    if head.isascii() and head.isdigit():
+                        found.append((int(head), base, sub, name, None, entry))
+                        continue
+                st = self._servable(folders[sub], sub, name)
+                if st is not None:
+                    found.append((self._order(name, st), base, sub, name, st, None))
+        self.vouched += sum(1 for item in found if item[4] is None)
+        return found
+
+    def _measure_new(self, folders: dict[str, int | None], found: list[tuple]
+                     ) -> dict[tuple[str, str], tuple[int, bool] | None]:
+        """(size, foreign) of the stat'd messages the ledger has no size for, measured several
+        at a time when there are many: with a cold page cache each waits for the disk, and
+        the waits overlap (the GIL is released while a thread reads)."""
+        entries = self.ledger.entries
+        todo = [(folders[sub], sub, name, base, st) for _, base, sub, name, st, _ in found
+                if st is not None and folders[sub] is not None
+                and ((entry := entries.get(base)) is None or entry.stored != st.st_size)]
+        if len(todo) < PARALLEL_FROM:
+            return {}
+        slices = [todo[i::MEASURERS] for i in range(MEASURERS)]
+        jobs = [measurers().submit(self._measure_slice, part) for part in slices]
+        # Every thread is done with the folder descriptors before they are closed (whatever
+        # failed): a number closed and reused would send a late open elsewhere.
+        wait(jobs)
+        return {(sub, name): value for part, job in zip(slices, jobs)
+                for (_, sub, name, _, _), value in zip(part, job.result())}
+
+    def _measure_slice(self, part: list[tuple]) -> list[tuple[int, bool] | None]:
+        return [self._measure(*item) for item in part]
+
+    def _value(self, folder: int | None, sub: str, name: str, base: str, st: os.stat_result,
+               uid: str, measured: dict[tuple[str, str], tuple[int, bool] | None]
+               ) -> tuple[int, bool] | None:
+        """(size, foreign) of a stat'd message: from the ledger, else measured (and learned)."""
+        value = self.ledger.known(base, st.st_size, uid, st.st_ino)
+        if value is None and folder is not None:
+            value = measured[sub, name] if (sub, name) in measured else \
+                self._measure(folder, sub, name, base, st)
+            if value is not None:
+                self.ledger.learn(base, uid, value[0], st.st_size, value[1], st.st_ino)
+        return value
+
+    def _order(self, name: str, st: os.stat_result) -> int:
+        """Where a message is listed (its rank, sorted first): the previous server's order
+        first (so a client sees the same list after the move), then by delivery time. One
+        int, not a (kind, number) pair: a scan sorts thousands of these."""
         base = name.split(":", 1)[0]
         if base in self.imported:
-            return (0, self._positions[base])
-        return (1, _delivery_time(name, st))
+            return self._positions[base] - IMPORTED
+        return _delivery_time(name, st)
 
     def _servable(self, folder: int | None, sub: str, name: str) -> os.stat_result | None:
         """The lstat of a listed name if it may be a message, else None (logged)."""
@@ -294,11 +342,12 @@ class Maildir:
     def _measure(self, folder: int, sub: str, name: str, base: str,
                  st: os.stat_result) -> tuple[int, bool] | None:
         key: Hashable = ("maildir", base, st.st_ino, st.st_size, st.st_mtime_ns)
+        owner = self.owner
 
-        @contextmanager
-        def stored() -> Iterator[BinaryIO]:
-            with os.fdopen(safefs.open_regular(folder, name, self.owner, st), "rb") as fh:
-                yield fh
+        def stored() -> BinaryIO:
+            # The file is its own context manager (closed on exit): no @contextmanager
+            # wrapper made per message of a first scan.
+            return os.fdopen(safefs.open_regular(folder, name, owner, st), "rb")
 
         try:
             return self.sizing.size_of(key, stored)
@@ -468,14 +517,6 @@ class Maildir:
         raise FileNotFoundError(errno.ENOENT, "no longer in the maildrop", base)
 
 
-def _open_sub(root: int, sub: str) -> int | None:
-    """cur/ or new/ of the Maildir, never through a symlink; None when missing."""
-    try:
-        return safefs.open_dir(root, sub)
-    except FileNotFoundError:
-        return None
-
-
 def _lstat(folder: int | None, name: str) -> os.stat_result | None:
     """lstat of ``name`` in ``folder`` (never dir_fd=None: that would be the working dir)."""
     if folder is None:
@@ -492,21 +533,6 @@ def _open_in(root: int, sub: str, name: str, owner: int | None) -> int:
         return safefs.open_regular(folder, name, owner)
     finally:
         os.close(folder)
-
-
-def _listing(root: int) -> Listing:
-    """The names in new/ and cur/ (a missing folder is empty)."""
-    found = []
-    for sub in ("new", "cur"):
-        folder = _open_sub(root, sub)
-        if folder is None:
-            found.append(frozenset())
-            continue
-        try:
-            found.append(frozenset(os.listdir(folder)))
-        finally:
-            os.close(folder)
-    return found[0], found[1]
 
 
 def _delivery_time(name: str, st: os.stat_result) -> int:

@@ -14,7 +14,7 @@ import os
 
 from shared import uidlformat
 from shared.logsetup import escaped, log
-from worker import ledger, safefs
+from worker import filecache, ledger, safefs
 from worker.ledger import NAME_OK
 from worker.storebase import UIDL_OK
 
@@ -26,21 +26,40 @@ MAX_BYTES = 32 << 20
 MAX_ENTRIES = 500_000
 DEFAULT_FORMAT = uidlformat.DEFAULT
 Imported = dict[str, str]   # unique name -> UIDL, in the previous server's order
+TABLES = filecache.ParsedFiles()  # this worker's parsed import tables, by file identity
 
 
 def _read(folder: int, name: str, owner: int | None) -> bytes | None:
+    found = _open(folder, name, owner)
+    if found is None:
+        return None
+    try:
+        return _read_fd(found[0])
+    finally:
+        os.close(found[0])
+
+
+def _open(folder: int, name: str, owner: int | None) -> tuple[int, os.stat_result] | None:
+    """A descriptor of the account's regular file ``name`` and its fstat; None when missing,
+    or not the account's: nothing to import from it."""
     try:
         fd = safefs.open_regular(folder, name, owner)
     except OSError:
-        return None  # missing, or not the account's: nothing to import from it
+        return None
+    try:
+        return fd, os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _read_fd(fd: int) -> bytes | None:
     try:
         data = b""
         while len(data) <= MAX_BYTES and (more := os.read(fd, MAX_BYTES + 1 - len(data))):
             data += more
     except OSError:
         return None  # unreadable (EIO, EISDIR...): as if it were not there
-    finally:
-        os.close(fd)
     return data if len(data) <= MAX_BYTES else None
 
 
@@ -153,9 +172,26 @@ def parse_table(data: bytes) -> Imported:
 
 
 def load_table(root: int, owner: int | None) -> Imported | None:
-    """The import table kept in the Maildir; None when there is none."""
-    data = _read(root, TABLE_NAME, owner)
-    return None if data is None else parse_table(data)
+    """The import table kept in the Maildir; None when there is none. A table this worker
+    parsed before and nobody changed since is not read again (TABLES); the callers only read
+    it (worker.maildir), so the one dict is shared."""
+    found = _open(root, TABLE_NAME, owner)
+    if found is None:
+        return None
+    fd, st = found
+    key = filecache.identity(st)
+    try:
+        table = TABLES.get(key)
+        if table is not None:
+            return table
+        data = _read_fd(fd)
+    finally:
+        os.close(fd)
+    if data is None:
+        return None
+    table = parse_table(data)
+    TABLES.put(key, table, max(len(table), 1))
+    return table
 
 
 def import_once(root: int, owner: int | None, group: int | None, fmt: str,

@@ -244,6 +244,7 @@ class Rewriter:
         self.rules = rules
         self.cache: SizeCache = cache if cache is not None else MemoryCache()
         self.files_read = 0  # cache misses, for tests and XTND STATS
+        self._count_lock = threading.Lock()  # a scan measures several files at once (maildir)
         host = rules.host.encode("utf-8")
         self._x_prefix = (b"X-POP3-Server: " + host + b" IUPOP3 V" + rules.version.encode()
                           + b"\r\nX-POP3-ID: ")
@@ -282,7 +283,8 @@ class Rewriter:
             return cached
         with open_stored() as fh:
             value = self.examine(fh)
-        self.files_read += 1
+        with self._count_lock:
+            self.files_read += 1
         self.cache.put(key, value)
         return value
 
