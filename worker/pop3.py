@@ -413,9 +413,11 @@ class Session(SaslExchange):
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
             retrieved = [self.messages[i] for i in sorted(self.retrieved)]
-            try:  # pool: worker.store
-                kept, expired = self.ctx.offload(store.update, self.maildrop, deleted, retrieved,
-                                                 self.messages, self.policy)
+            try:  # pool: worker.store; nothing to apply, nothing to wait for
+                kept, expired = (self.ctx.offload(store.update, self.maildrop, deleted,
+                                                  retrieved, self.messages, self.policy)
+                                 if store.has_update(self.maildrop, deleted, retrieved,
+                                                     self.messages, self.policy) else (0, 0))
             except OSError as exc:
                 self.log.error("update of %s failed: %s", self.account_name, exc)
                 self.release()
