@@ -159,8 +159,11 @@ class Session(SaslExchange):
 
     def _log_command(self, line: bytes) -> None:
         # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_line).
-        stray_response = self.auth_refused and not self._is_command(line)
+        stray_response = self.auth_refused
         self.auth_refused = False
+        if not self.log.isEnabledFor(THREAD):
+            return  # the default level: no masking or repeat counting for a line not written
+        stray_response = stray_response and not self._is_command(line)
         self._log_client(masked_line(line, sasl_response=stray_response))
 
     def _is_command(self, line: bytes) -> bool:
