@@ -106,3 +106,79 @@ def test_mbox_quit_with_nothing_to_apply_is_skipped_and_changes_nothing(tmp_path
         unchanged = _tree(tmp_path) == was
         assert unchanged or needed
     assert not needed and unchanged
+
+
+# -- the auth guard and the connection's peer ------------------------------------------------
+def test_guard_admission_carries_the_keys_the_keyer_makes():
+    """The admission's user and address keys (made once per admission) are the Keyer's
+    digests, so succeeded/failed settle the entries admit counted."""
+    from test_authguard import _guard
+
+    guard, _, _ = _guard()
+    admission = guard.admit("192.0.2.7", "alice")
+    assert admission.user_key == guard.keys.user("alice")
+    assert admission.address_key == guard.keys.address("192.0.2.7")
+    guard.failed(admission)
+    again = guard.admit("192.0.2.7", "alice")
+    assert again.wait > 0  # the failure landed on the entries admit found
+
+
+def test_peer_of_names_ip_peers_and_others_from_one_lookup():
+    """worker.connection.peer_of: "host:port" and the address for TCP (IPv6 bracketed),
+    "local" and no address for a Unix socket, "unknown" once the peer is gone."""
+    import socket
+
+    from worker.connection import peer_of
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.create_server((host, 0), family=family) as server:
+            client = socket.create_connection(server.getsockname()[:2])
+            accepted, _ = server.accept()
+            port = client.getsockname()[1]
+            text = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            assert peer_of(accepted) == (text, host)
+            client.close()
+            accepted.close()
+    left, right = socket.socketpair()
+    assert peer_of(left) == ("local", "")
+    left.close()
+    right.close()
+    assert peer_of(left) == ("unknown", "")
+
+
+def test_a_command_line_is_masked_and_counted_only_where_it_is_written(tmp_path):
+    """At ERROR the session neither masks nor counts command lines for the repeat filter;
+    at THREAD each is logged (PASS masked) and the fourth repeat is suppressed."""
+    import logging
+
+    from shared import settings as settings_mod
+    from shared.logsetup import THREAD
+    from shared.stats import StatsArea
+    from shared.users import parse_users
+    from worker.context import build_context
+    from worker.pop3 import Session
+
+    ctx = build_context(settings_mod.Settings(users="unused", mail=f"maildir:{tmp_path}/%u",
+                                              hostname="t.example"),
+                        StatsArea.create(2, 0), 1, parse_users("alice:{PLAIN}pw::::::\n"))
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("iupop3")
+    logger.addHandler(handler)
+    level = logger.level
+    try:
+        session = Session(ctx, lambda data: None, "127.0.0.1:4000", "t1")
+        logger.setLevel(logging.ERROR)
+        for _ in range(5):
+            session.handle_line(b"NOOP")
+        assert records == [] and session.limits.log_repeats.suppressed == 0
+        logger.setLevel(THREAD)
+        session.handle_line(b"PASS secret words")
+        for _ in range(4):
+            session.handle_line(b"NOOP")
+        assert records.count("NOOP") == 3 and session.limits.log_repeats.suppressed == 1
+        assert not any("secret" in line for line in records)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
