@@ -107,24 +107,25 @@ class AuthGuard:
         return now, now - self.settings.auth_window * 1000
 
     def _address_penalty(self, address: str, now: int, since: int,
-                         exempt: bool = True) -> tuple[int | None, int, int]:
-        """(address entry or None if exempt, its failures, its penalty in ms)."""
+                         exempt: bool = True) -> tuple[int | None, int, int, int]:
+        """(address entry or None if exempt, its failures, its penalty in ms, its key)."""
         if not address or (exempt and self.trusted.contains(address)):
-            return None, 0, 0
+            return None, 0, 0, 0
         table = self.addresses
-        at = table.entry(self.keys.address(address), now, since)
+        key = self.keys.address(address)  # a keyed digest: made once per admission
+        at = table.entry(key, now, since)
         if table.is_overflow(at):
             # Shared by every address that found no entry: never blocked or counted on (its
             # sum would block every newcomer), only held back like the worst.
-            return None, 0, self._worst_ms()
+            return None, 0, self._worst_ms(), key
         failures = table.get(at, FAILURES)
         if failures:  # a penalised address's checks in flight are presumed failures
             failures += table.get(at, PENDING)
-        return at, failures, self.penalty_ms(failures)
+        return at, failures, self.penalty_ms(failures), key
 
     def _admit_locked(self, address: str, user: str | None, exempt: bool = True) -> Admission:
         now, since = self._now_since()
-        address_at, address_failures, address_penalty = self._address_penalty(
+        address_at, address_failures, address_penalty, address_key = self._address_penalty(
             address, now, since, exempt)
         block = self.settings.auth_block
         if address_at is not None and block and address_failures >= block:
@@ -133,7 +134,8 @@ class AuthGuard:
             self._count(self.addresses, address_at, now)
             return Admission(Outcome.MALFORMED, address_penalty / 1000)
         users = self.users
-        user_at: int | None = users.entry(self.keys.user(user), now, since)
+        user_key = self.keys.user(user)
+        user_at: int | None = users.entry(user_key, now, since)
         if users.is_overflow(user_at):
             # No queue on the shared entry either: the worst penalty, and no reservation.
             user_at, user_failures, user_penalty = None, 0, self._worst_ms()
@@ -159,9 +161,8 @@ class AuthGuard:
                         else start | 1)
             users.set(user_at, NEXT, reserved)
         return Admission(Outcome.CHECK, (start - now) / 1000,
-                         self.keys.user(user) if user_at is not None else None,
-                         self.keys.address(address) if address_at is not None else None,
-                         reserved)
+                         user_key if user_at is not None else None,
+                         address_key if address_at is not None else None, reserved)
 
     def _start(self, user_at: int | None, now: int, own: int, interval: int,
                penalised: bool) -> tuple[int, bool]:

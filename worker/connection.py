@@ -38,23 +38,19 @@ class TakenOver(Exception):
 
 
 def peer_name(sock: socket.socket) -> str:
+    return peer_of(sock)[0]
+
+
+def peer_of(sock: socket.socket) -> tuple[str, str]:
+    """(the peer as "host:port" for logs, its IP address or ""), from one getpeername."""
     try:
         address = sock.getpeername()
     except OSError:
-        return "unknown"
+        return "unknown", ""
     if isinstance(address, tuple):
         host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address) or "local"
-
-
-def peer_address(sock: socket.socket) -> str:
-    """The client's IP address as text ("" for a non-IP socket)."""
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return ""
-    return address[0] if isinstance(address, tuple) else ""
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
+    return str(address) or "local", ""
 
 
 class Connection:
@@ -69,10 +65,9 @@ class Connection:
         self.ctx = ctx
         self.session_id = session_id
         self.implicit_tls = implicit_tls
-        self.peer = peer_name(sock)
         # The TCP peer (a balancer, when a PROXY header came): the only address that decides
         # trust (XCLIENT). self.address is the client's, for logs, limits and penalties.
-        self.tcp_peer_address = peer_address(sock)
+        self.peer, self.tcp_peer_address = peer_of(sock)
         self.address = self.tcp_peer_address
         self.proxied = proxied  # the PROXY header the supervisor read (supervisor/proxyintake.py)
         # A client the proxy could not name (v1 UNKNOWN, v2 AF_UNSPEC/AF_UNIX): counted under
@@ -153,7 +148,7 @@ class Connection:
         ctx.takeover.register(self.session_id, self)
         try:
             self.sock.settimeout(ctx.settings.timeout)
-            if self.proxied is not None:
+            if self.proxied is not None and session.log.isEnabledFor(THREAD):
                 session.log.log(THREAD, "%s from %s", self.proxied.describe(),
                                 peer_name(self.sock))
             if self.implicit_tls:

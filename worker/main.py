@@ -7,6 +7,7 @@ means the supervisor is gone, and then the worker finishes its sessions and exit
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket as stdsocket
@@ -128,7 +129,8 @@ class Worker:
                 if frame.fd is not None:
                     _close_quietly(frame.fd)
             # After, so a LOGLEVEL frame is logged at the level it sets.
-            log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
+            if log.isEnabledFor(logging.DEBUG):  # the name is not looked up for nothing
+                log.debug("frame %s %d from the supervisor", frame.kind.name, frame.argument)
 
     def channel_ended(self, why: str) -> None:
         """The one way out when the supervisor can no longer be heard: drain within -grace."""

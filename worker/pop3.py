@@ -160,8 +160,11 @@ class Session(SaslExchange):
 
     def _log_command(self, line: bytes) -> None:
         # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_line).
-        stray_response = self.auth_refused and not self._is_command(line)
+        stray_response = self.auth_refused
         self.auth_refused = False
+        if not self.log.isEnabledFor(THREAD):
+            return  # the default level: no masking or repeat counting for a line not written
+        stray_response = stray_response and not self._is_command(line)
         self._log_client(masked_line(line, sasl_response=stray_response))
 
     def _is_command(self, line: bytes) -> bool:
@@ -416,9 +419,11 @@ class Session(SaslExchange):
             self.state = State.UPDATE  # TRANSACTION -> UPDATE
             deleted = [self.messages[i] for i in sorted(self.deleted)]
             retrieved = [self.messages[i] for i in sorted(self.retrieved)]
-            try:  # pool: worker.store
-                kept, expired = self.ctx.offload(store.update, self.maildrop, deleted, retrieved,
-                                                 self.messages, self.policy)
+            try:  # pool: worker.store; nothing to apply, nothing to wait for
+                kept, expired = (self.ctx.offload(store.update, self.maildrop, deleted,
+                                                  retrieved, self.messages, self.policy)
+                                 if store.has_update(self.maildrop, deleted, retrieved,
+                                                     self.messages, self.policy) else (0, 0))
             except OSError as exc:
                 self.log.error("update of %s failed: %s", self.account_name, exc)
                 self.release()

@@ -5,7 +5,8 @@ One rule says where store work runs, because a worker serves all its sessions on
     **On the thread pool (``ctx.offload``)**: everything that walks, lists, opens, locks,
     reads a spool or renames: ``lock_and_scan`` at login (with the ledger's read and maybe
     its write), ``open_message`` for RETR and TOP, ``update`` at QUIT (``commit``: wastebasket
-    moves, the mbox rewrite and its fsync; then the ledger's write). These touch
+    moves, the mbox rewrite and its fsync; then the ledger's write; a QUIT that has nothing
+    to apply skips it, which ``has_update`` decides in memory). These touch
     directories and whole files, and one slow disk, a stuck NFS server or a 200 MiB spool
     would otherwise freeze every session of the worker.
     **On the event loop**: only what cannot block for long: closing descriptors (``unlock``)
@@ -35,8 +36,8 @@ from worker.storebase import (FOREIGN_FOLDER, PLAIN, READ_CHUNK, SPOOL_CHUNK, UI
 __all__ = ["FOREIGN_FOLDER", "PLAIN", "READ_CHUNK", "SPOOL_CHUNK", "UIDL_OK", "WASTEBASKET",
            "LockHolder", "LockKey", "LoginTooSoon",
            "Maildrop", "MaildropBusy", "MaildropError", "Message", "Opener",
-           "PlainSizing", "Sizing", "lock_and_scan", "open_maildrop", "session_flock",
-           "update"]
+           "PlainSizing", "Sizing", "has_update", "lock_and_scan", "open_maildrop",
+           "session_flock", "update"]
 
 
 WRITE_AT_LOGIN = 64  # newly measured messages worth a ledger write before UPDATE
@@ -153,3 +154,14 @@ def update(maildrop: Maildrop, deleted: list[Message], retrieved: list[Message],
     ledger.forget(m.base for m in removed)
     maildrop.save_ledger()
     return kept, len(expired)
+
+
+def has_update(maildrop: Maildrop, deleted: list[Message], retrieved: list[Message],
+               messages: list[Message], policy: Policy) -> bool:
+    """Whether ``update`` would change anything: a deletion, a first retrieval, a message
+    EXPIRE removes, or a ledger that learned something. In memory, on the event loop: the
+    usual QUIT of a poll that found nothing new is then answered without a pool round trip
+    (a third of a storm login's pool work)."""
+    if deleted or retrieved or maildrop.ledger.dirty:
+        return True
+    return bool(policy.expired(messages, maildrop.ledger, int(time.time())))
