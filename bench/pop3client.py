@@ -25,13 +25,18 @@ class Pop3Error(Exception):
 
 
 class Client:
-    def __init__(self, host: str, port: int, timeout: float = 30.0):
+    def __init__(self, host: str, port: int, timeout: float = 30.0, source: str | None = None):
+        """SOURCE: the loopback address to connect from (bind before connect), so that many
+        sessions to one port are not limited to one address's ephemeral ports."""
         try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            self.sock = socket.create_connection((host, port), timeout=timeout,
+                                                 source_address=(source, 0) if source else None)
         except socket.timeout:
             raise Pop3Error("connect timeout") from None
         except OSError as exc:
-            raise Pop3Error("connect", exc.strerror or str(exc)) from None
+            # the reason is part of the kind: "Cannot assign requested address" (ports used
+            # up) or "Too many open files" must show in the counts, not hide in one example
+            raise Pop3Error(f"connect: {exc.strerror or type(exc).__name__}", str(exc)) from None
         self.buf = bytearray()
 
     def close(self) -> None:

@@ -16,7 +16,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench.fleet import workers_for
 from bench.mailgen import User, write_dovecot_passwd
+from shared.descriptors import hard_limit, session_capacity
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVECOT_POP3 = "/usr/lib/dovecot/pop3"
@@ -107,6 +109,20 @@ def tree_memory(root: int) -> Memory:
     return Memory(count, pss, rss)
 
 
+def settle(server: "Server", seconds: float = 30.0) -> None:
+    """Until every process the server starts is up and quiet (its tree uses under 10% of a
+    core over half a second), so a memory baseline does not catch workers still importing."""
+    deadline = time.time() + seconds
+    wanted = server.expected_processes()
+    last = tree_cpu_seconds(server.root_pid)
+    while time.time() < deadline:
+        time.sleep(0.5)
+        now = tree_cpu_seconds(server.root_pid)
+        if len(process_tree(server.root_pid)) >= wanted and now - last < 0.05:
+            return
+        last = now
+
+
 # -- the servers ----------------------------------------------------------------------------
 class Server:
     name = "?"
@@ -169,6 +185,9 @@ class Server:
 
     log_path = ""
 
+    def expected_processes(self) -> int:
+        return 1
+
 
 class Iupop3(Server):
     name = "iupop3"
@@ -179,16 +198,19 @@ class Iupop3(Server):
         self.workers = workers
         self.log_path = os.path.join(work, "iupop3.log")
         self.command = _iupop3_command()
+        self.workers_started = workers
 
     def start(self, mail_root: str, max_sessions: int) -> None:
-        """Serve the Maildirs MAIL_ROOT/<user>/Maildir; accept MAX_SESSIONS and some more."""
+        """Serve the Maildirs MAIL_ROOT/<user>/Maildir; accept MAX_SESSIONS and some more,
+        with enough workers that each stays under its descriptor capacity."""
         self.mail_root = mail_root
         self.port = free_port()
+        self.workers_started = workers_for(max_sessions, self.workers, worker_capacity())
         argv = [*self.command, "-users", self.users_file,
                 "-mail", f"maildir:{self.mail_root}/%u/Maildir", "-listen", "127.0.0.1",
                 "-port", str(self.port), "-loglevel", "ERROR", "-maxmsg", "0",
                 "-maxclients", str(max_sessions + 100), "-timeout", "600",
-                "-workers", str(self.workers), "-grace", "2",
+                "-workers", str(self.workers_started), "-grace", "2",
                 # every bench client comes from 127.0.0.1: no per-address cap (Dovecot has none)
                 "-max-per-address", "0"]
         log = open(self.log_path, "a")
@@ -200,6 +222,15 @@ class Iupop3(Server):
 
     def worker_pids(self) -> list[int]:
         return [pid for pid in process_tree(self.root_pid) if pid != self.root_pid]
+
+    def expected_processes(self) -> int:
+        return 1 + self.workers_started
+
+
+def worker_capacity() -> int:
+    """Sessions one iupop3 worker can hold under the hard descriptor limit, by the server's
+    own budget (shared/descriptors.py: what it counts per session may change)."""
+    return session_capacity(hard_limit())
 
 
 def _iupop3_command() -> list[str]:
