@@ -110,18 +110,23 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
 def _figures(done: list[dict], before, after, held: int, interval: float, hold: float,
              hold_cpu: float, server: Server) -> dict:
     per = max(held, 1)
+    held_ms = [ms for d in done for ms in d.get("noop_ms", [])]
+    noops = sum(d.get("hold_noops", 0) for d in done)
     return {
         "held": held,
         "pss_kib": (after.pss_kib - before.pss_kib) / per,
         "rss_kib": (after.rss_kib - before.rss_kib) / per,
         "total_pss_mib": after.pss_kib / KIB,
         "processes": after.processes,
-        "noop_p99_ms": percentile([ms for d in done for ms in d.get("noop_ms", [])], 99),
+        "noop_p50_ms": percentile(held_ms, 50),
+        "noop_p99_ms": percentile(held_ms, 99),
         "ramp_noop_p99_ms": percentile([ms for d in done for ms in d.get("ramp_noop_ms", [])],
                                        99),
         "noop_interval_s": interval,
         "hold_s": hold,
         "hold_cpu_pct": 100 * hold_cpu / hold,
+        "hold_noops_s": noops / hold,
+        "cpu_us_per_noop": 1e6 * hold_cpu / noops if noops else float("nan"),
         "hold_loadgen_cpu_pct": sum(d.get("cpu_pct", 0.0) for d in done),
         "errors": sum(sum(d.get("errors", {}).values()) for d in done),
     }

@@ -322,7 +322,7 @@ def run_idle(job: dict) -> dict:
         if session.client:
             session.client.close()
     return {"event": "done", "held": held, "noops": noops, "ramp_s": ramp_s,
-            "noop_ms": _sample(fleet.noop_ms["hold"]),
+            "noop_ms": _sample(fleet.noop_ms["hold"]), "hold_noops": len(fleet.noop_ms["hold"]),
             "ramp_noop_ms": _sample(fleet.noop_ms["ramp"]), "gave_up": gave_up,
             "errors": dict(window.errors), "error_examples": window.examples,
             "cpu_pct": 100.0 * (cpu2 - cpu1) / hold_s if hold_s > 0 else 0.0,

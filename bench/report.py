@@ -68,12 +68,14 @@ def verdict(row: dict) -> str:
     return {True: "met", False: "MISSED", None: ""}[row["met"]]
 
 
-def peer_cell(runs: dict, row: dict) -> str:
+def peer_cell(runs: dict, row: dict, unit: str = "") -> str:
+    """Dovecot's figure; at a level it did not run, the one from smaller levels (marked) or
+    "not run"."""
     run = runs.get(row["scenario"], {}).get(row["variant"], {}).get("dovecot")
     value = row["values"].get("dovecot")
     if run and run.get("skipped"):
-        return fmt(value) + PROJECTED_MARK if value is not None else NOT_RUN
-    return fmt(value)
+        return fmt(value) + unit + PROJECTED_MARK if value is not None else NOT_RUN
+    return fmt(value) + unit
 
 
 def issue_table(rows: list[dict], runs: dict, has_peer: bool) -> str:
@@ -88,7 +90,7 @@ def issue_table(rows: list[dict], runs: dict, has_peer: bool) -> str:
         unit = f" {row['unit']}" if row["unit"] and row["unit"] != "/s" else ""
         line = [row["issue"], fmt(row["values"].get("iupop3")) + unit]
         if has_peer:
-            line += [peer_cell(runs, row) + unit,
+            line += [peer_cell(runs, row, unit),
                      f"{row['ratio']:.2f}x" if row["ratio"] else "-"]
         body.append(line + [row["target"], verdict(row) or "no ratio"])
     met = sum(r["met"] is True for r in chosen)
@@ -124,6 +126,10 @@ def checks(runs: dict, servers: list[str]) -> str:
             for name in servers:
                 run = by_server.get(name)
                 if run is None:
+                    continue
+                if run.get("skipped"):
+                    out.append(f"  {scenario} {variant} {name}: not run")
+                    out.extend(f"      {note}" for note in run.get("notes", []))
                     continue
                 errors = run.get("errors", {})
                 text = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
@@ -191,7 +197,7 @@ def _bars(ax, rows: list[dict], values: list[float], labels: list[str], texts: l
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
     for yi, value, text, tick in zip(y, values, texts, ticks):
-        ax.text(value * 1.05, yi, text, va="center", fontsize=8)
+        ax.text(max(value, tick or 0) * 1.07, yi, text, va="center", fontsize=8)
         if tick:
             ax.plot([tick, tick], [yi - 0.4, yi + 0.4], color="black", linewidth=1.6)
     ax.set_yticks(y)
@@ -216,10 +222,11 @@ def _ratio_panel(ax, rows: list[dict]) -> None:
 
 def _absolute_panel(ax, rows: list[dict]) -> None:
     values = [r["values"]["iupop3"] / r["limit"] for r in rows]
-    texts = [f"{fmt(r['values']['iupop3'])} {r['unit']} (target {r['target']})" for r in rows]
+    texts = [f"{fmt(r['values']['iupop3'])}{' ' + r['unit'] if r['unit'] else ''} "
+             f"(target {r['target']})" for r in rows]
     _bars(ax, rows, values, [_label(r) for r in rows], texts, [1.0] * len(rows))
-    ax.set_xlabel("iupop3 alone: its figure / the target (log scale; Dovecot cannot hold this "
-                  "level here); green/red: target met/missed")
+    ax.set_xlabel("iupop3 alone (Dovecot cannot hold this level here): its figure / the "
+                  "target (log scale);\ngreen/red: target met/missed")
 
 
 def _colour(row: dict) -> str:
