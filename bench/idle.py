@@ -78,7 +78,7 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
     hold = fleet.hold_seconds(plan.idle_hold, interval)
     ramp_timeout = 60.0 + count / 50
     users = bench.groups["idle"][:count]
-    with bench.serving(server, "idle", count):
+    with bench.serving(server, "idle", count, users=users):
         settle(server)
         before = tree_memory(server.root_pid)
         jobs = [bench.job(server, "idle", chunk, noop_interval=interval, reply_timeout=30.0,

@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.write_chart(path[:-5] + ".png", rows, title))
     print(f"bench: done in {time.time() - began:.0f}s")
     # The mail goes (it can be hundreds of MB); configs and server logs stay for a look.
-    shutil.rmtree(bench.master, ignore_errors=True)
-    shutil.rmtree(os.path.join(args.workdir, "serve"), ignore_errors=True)
+    subprocess.run(["rm", "-rf", "--one-file-system", bench.master,
+                    os.path.join(args.workdir, "serve")], check=False)
     return 0
 
 
