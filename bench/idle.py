@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 import resource
 import statistics
+import threading
 import time
 
 from bench import fleet
+from bench.mailgen import User
+from bench.pop3client import Client, Pop3Error
 from bench.scenarios import KIB, Loadgens, Result, percentile, split
 from bench.servers import Server, settle, tree_cpu_seconds, tree_memory
 
@@ -25,6 +28,7 @@ STALL_SECONDS = 60.0    # a ramp in which no login settles for this long gives u
 DOVECOT_PSS_PRIOR_KIB = 535
 MEMORY_SHARE = 0.8      # of MemTotal a level may take, with the load generators beside it
 SERVER_BACKLOG = 1024   # iupop3's listen backlog (supervisor/listeners.py)
+PROBE_INTERVAL = 0.2    # seconds between the probe session's NOOPs
 
 
 def dovecot_skip_reason(level: int, mem_total_kib: int | None,
@@ -62,6 +66,40 @@ def project_skipped(runs: dict, mem_total_kib: int | None) -> None:
                             "from earlier runs: no smaller level ran this time)"]
 
 
+class NoopProbe:
+    """One more session, NOOPing every PROBE_INTERVAL from a thread of this (mostly idle)
+    process while the level is held: when its p99 is low and the fleet's high, the delay is
+    in the busy load generators (or the machine), not in the server."""
+
+    def __init__(self, port: int, user: User):
+        self.latencies: list[float] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._client = Client("127.0.0.1", port, timeout=30)
+        self._client.greeting()
+        self._client.login(user.name, user.password)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROBE_INTERVAL):
+            started = time.perf_counter()
+            try:
+                self._client.noop()
+            except Pop3Error as exc:
+                self.error = str(exc)
+                return
+            self.latencies.append(1000 * (time.perf_counter() - started))
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self._client.close()
+        return self.latencies
+
+
 def idle_sessions(bench, server: Server, count: int) -> Result:
     """COUNT sessions logged in, held and NOOPing; figures per bench/README.md."""
     plan, result = bench.plan, Result()
@@ -78,8 +116,10 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
     hold = fleet.hold_seconds(plan.idle_hold, interval)
     ramp_timeout = 60.0 + count / 50
     users = bench.groups["idle"][:count]
-    with bench.serving(server, "idle", count, users=users):
+    probe_user = bench.groups["idle"][-1]  # the group has one user more than the largest level
+    with bench.serving(server, "idle", count + 1, users=users + [probe_user]):
         settle(server)
+        probe = NoopProbe(server.port, probe_user)
         before = tree_memory(server.root_pid)
         jobs = [bench.job(server, "idle", chunk, noop_interval=interval, reply_timeout=30.0,
                           login_concurrency=LOGINS_IN_FLIGHT, ramp_timeout=ramp_timeout,
@@ -88,10 +128,12 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
         gens = Loadgens(jobs, timeout=ramp_timeout + 120)
         ramped = gens.expect_all("ramped")
         gens.send({"hold": True})
+        probe.start()
         cpu0 = tree_cpu_seconds(server.root_pid)
         time.sleep(hold)
         after = tree_memory(server.root_pid)
         hold_cpu = tree_cpu_seconds(server.root_pid) - cpu0
+        probe_ms = probe.stop()
         gens.send({"stop": True})
         done = gens.finish()
     held = sum(d["held"] for d in done)
@@ -100,6 +142,10 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
         result.loadgen_cpu.append(round(d["ramp_cpu_pct"], 1))
     result.figures = _figures(done, before, after, held, interval, hold, hold_cpu, server)
     result.figures["ramp_s"] = max(r["ramp_s"] for r in ramped)
+    result.figures["probe_noop_p99_ms"] = percentile(probe_ms, 99)
+    if probe.error:
+        result.errors["probe session"] += 1
+        result.examples.setdefault("probe session", probe.error)
     if hasattr(server, "workers_started"):
         result.figures["workers"] = server.workers_started
     result.notes += _notes(done, before, count, held, interval, plan.noop_interval, notes)

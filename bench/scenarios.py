@@ -205,7 +205,8 @@ class Bench:
                                                         for _ in range(10)])
         self._group("retr", "r", max(plan.retr_concurrency),
                     lambda: [plan.retr_size] * plan.retr_messages)
-        self._group("idle", "i", max(plan.idle_levels), lambda: [2 * KIB])
+        # one user more than the largest level: bench/idle.py's probe session
+        self._group("idle", "i", max(plan.idle_levels) + 1, lambda: [2 * KIB])
         self._group("big", "b", 1, lambda: [rng.randint(1 * KIB, 12 * KIB)
                                             for _ in range(plan.big_messages)])
         self._group("poll", "p", plan.poll_users, lambda: [rng.randint(2 * KIB, 40 * KIB)

@@ -89,6 +89,7 @@ FIGURES = (
     Figure("idle", "noop_p99_ms", "NOOP p99 while all held", "ms", False,
            _absolute("<", 50.0, "idle {variant}: NOOP p99 while held"), (LARGEST,)),
     Figure("idle", "ramp_noop_p99_ms", "NOOP p99 during the ramp", "ms", False),
+    Figure("idle", "probe_noop_p99_ms", "NOOP p99 of a probe in an idle process", "ms", False),
     Figure("idle", "noop_interval_s", "NOOP interval per session", "s", False),
     Figure("idle", "hold_noops_s", "NOOPs/s while held", "/s", True),
     Figure("idle", "cpu_us_per_noop", "server CPU per held session's NOOP", "µs", False),
