@@ -10,6 +10,7 @@ checks the machine's limits first, so an impossible level fails at once and says
 from __future__ import annotations
 
 import math
+import os
 import resource
 import statistics
 import threading
@@ -128,6 +129,7 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
         gens = Loadgens(jobs, timeout=ramp_timeout + 120)
         ramped = gens.expect_all("ramped")
         gens.send({"hold": True})
+        load_at_hold = os.getloadavg()[0]
         probe.start()
         cpu0 = tree_cpu_seconds(server.root_pid)
         time.sleep(hold)
@@ -150,6 +152,8 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
         result.figures["workers"] = server.workers_started
     result.notes += _notes(done, before, count, held, interval, plan.noop_interval, notes)
     result.notes += [f"gave up: {r['gave_up']}" for r in ramped if r.get("gave_up")][:1]
+    result.notes.append(f"load average {load_at_hold:.1f} when the hold began, "
+                        f"{os.getloadavg()[0]:.1f} after it, on {os.cpu_count()} CPUs")
     return bench.check_loadgen(result)
 
 
