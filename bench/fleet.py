@@ -9,7 +9,6 @@ cannot hold fails at once with the reason instead of stalling half way.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 # A load generator holds at most this share of its descriptor limit in sessions (20,000 here:
@@ -192,7 +191,3 @@ def mem_total_kib() -> int | None:
 def describe(limits: Limits) -> dict:
     """The limits as they go into the JSON."""
     return {k: v for k, v in vars(limits).items() if k != "notes"}
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

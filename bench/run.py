@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -234,35 +233,45 @@ def iupop3_version() -> str:
     return VERSION
 
 
+def write_results(out: str, document: dict) -> None:
+    """The JSON and, beside it, the chart."""
+    path = report.json_path(out, document["stamp"])
+    report.write_json(path, document)
+    print(f"\nresults: {path}")
+    title = (f"iupop3 / Dovecot, {document['mode']} run {document['stamp']} on "
+             f"{os.cpu_count()} CPUs (load average {document['load_average_at_start']:.1f} at "
+             f"start, {os.getloadavg()[0]:.1f} at end)")
+    print(report.write_chart(path[:-5] + ".png", document["rows"], title))
+
+
+def choose_peer(args: argparse.Namespace) -> tuple[bool, str, tuple[int, int] | None]:
+    """(run Dovecot?, what to say about it, the owner its mail copy needs)."""
+    if args.no_dovecot or args.profile:
+        return False, "not requested (--no-dovecot)", None
+    problem = ensure_dovecot(allow_install=not args.no_install)
+    if problem:
+        print(f"bench: {problem}\nbench: running iupop3 alone.", flush=True)
+        return False, problem, None
+    if os.geteuid() != 0:
+        print("bench: Dovecot needs root here (mail owned by nobody); running iupop3 alone.")
+        return False, "not root: Dovecot needs the mail owned by nobody", None
+    return True, dovecot_version(), MAIL_OWNER
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     began = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plan = make_plan(args)
-    fd_limit = raise_fd_limit()
-    limits = fleet.read_limits(fd_limit)
-    print(f"bench: descriptor limit {fd_limit} per process; ports "
+    limits = fleet.read_limits(raise_fd_limit())
+    print(f"bench: descriptor limit {limits.fd_limit} per process; ports "
           f"{limits.port_low}-{limits.port_high} per source address; somaxconn "
           f"{limits.somaxconn}; fs.file-max {limits.file_max}; nf_conntrack_max "
           f"{limits.conntrack_max}", flush=True)
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    subprocess.run(["rm", "-rf", "--one-file-system", args.workdir], check=False)
     os.makedirs(args.workdir)
     os.chmod(args.workdir, 0o755)  # Dovecot's mail processes run as nobody
-
-    peer_note = "not requested (--no-dovecot)"
-    use_dovecot = not args.no_dovecot and not args.profile
-    if use_dovecot:
-        problem = ensure_dovecot(allow_install=not args.no_install)
-        if problem:
-            print(f"bench: {problem}\nbench: running iupop3 alone.", flush=True)
-            peer_note, use_dovecot = problem, False
-        else:
-            peer_note = dovecot_version()
-    owner = MAIL_OWNER if use_dovecot and os.geteuid() == 0 else None
-    if use_dovecot and owner is None:
-        print("bench: Dovecot needs root here (mail owned by nobody); running iupop3 alone.")
-        use_dovecot = False
-
+    use_dovecot, peer_note, owner = choose_peer(args)
     bench = Bench(args.workdir, plan, owner)
     print(f"bench: preparing mail in {args.workdir} ...", flush=True)
     took = bench.prepare_mail()
@@ -292,19 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.build_rows(runs, names)
     print()
     print(report.table(rows, runs, names))
-    document = {"stamp": stamp, "mode": mode, "rounds": args.rounds, "seconds": round(time.time() - began, 1),
+    document = {"stamp": stamp, "mode": mode, "rounds": args.rounds,
+                "seconds": round(time.time() - began, 1),
                 "machine": machine_info(), "load_average_at_start": load_at_start,
                 "limits": fleet.describe(limits),
                 "plan": vars(plan),
                 "servers": {"iupop3": {"version": iupop3_version(), "workers": args.workers},
                             "dovecot": {"version": peer_note, "reuse": args.dovecot_reuse}},
                 "rows": rows, "runs": runs}
-    path = report.json_path(args.out, stamp)
-    report.write_json(path, document)
-    print(f"\nresults: {path}")
-    title = (f"iupop3 / Dovecot, {mode} run {stamp} on {os.cpu_count()} CPUs "
-             f"(load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)")
-    print(report.write_chart(path[:-5] + ".png", rows, title))
+    write_results(args.out, document)
     print(f"bench: done in {time.time() - began:.0f}s")
     # The mail goes (it can be hundreds of MB); configs and server logs stay for a look.
     subprocess.run(["rm", "-rf", "--one-file-system", bench.master,

@@ -26,7 +26,7 @@ from bench import mailgen
 from bench.fleet import NOOP_RATE_BUDGET
 from bench.mailgen import SeedCounter, User
 from bench.pop3client import Client, Pop3Error
-from bench.servers import Server, tree_cpu_seconds, tree_memory
+from bench.servers import Server, tree_cpu_seconds
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIB = 1024
