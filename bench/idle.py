@@ -20,7 +20,7 @@ from bench import fleet
 from bench.mailgen import User
 from bench.pop3client import Client, Pop3Error
 from bench.scenarios import KIB, Loadgens, Result, percentile, split
-from bench.servers import Server, settle, tree_cpu_seconds, tree_memory
+from bench.servers import Server, settle, tree_cpu_ns_running, tree_memory
 
 LOGINS_IN_FLIGHT = 32   # per load generator: logins are paced, not fired all at once
 STALL_SECONDS = 60.0    # a ramp in which no login settles for this long gives up
@@ -75,7 +75,8 @@ class NoopProbe:
     def __init__(self, port: int, user: User):
         self.latencies: list[float] = []
         self.error = ""
-        self._stop = threading.Event()
+        self.holding = threading.Event()  # NOOPs count from here on (they start at once:
+        self._stop = threading.Event()    # a ramp of minutes must not time the session out)
         self._client = Client("127.0.0.1", port, timeout=30)
         self._client.greeting()
         self._client.login(user.name, user.password)
@@ -92,7 +93,8 @@ class NoopProbe:
             except Pop3Error as exc:
                 self.error = str(exc)
                 return
-            self.latencies.append(1000 * (time.perf_counter() - started))
+            if self.holding.is_set():
+                self.latencies.append(1000 * (time.perf_counter() - started))
 
     def stop(self) -> list[float]:
         self._stop.set()
@@ -119,8 +121,9 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
     users = bench.groups["idle"][:count]
     probe_user = bench.groups["idle"][-1]  # the group has one user more than the largest level
     with bench.serving(server, "idle", count + 1, users=users + [probe_user]):
-        settle(server)
+        settle(server, 30.0 + 2 * server.expected_processes())
         probe = NoopProbe(server.port, probe_user)
+        probe.start()
         before = tree_memory(server.root_pid)
         jobs = [bench.job(server, "idle", chunk, noop_interval=interval, reply_timeout=30.0,
                           login_concurrency=LOGINS_IN_FLIGHT, ramp_timeout=ramp_timeout,
@@ -130,11 +133,11 @@ def idle_sessions(bench, server: Server, count: int) -> Result:
         ramped = gens.expect_all("ramped")
         gens.send({"hold": True})
         load_at_hold = os.getloadavg()[0]
-        probe.start()
-        cpu0 = tree_cpu_seconds(server.root_pid)
+        probe.holding.set()
+        cpu0 = tree_cpu_ns_running(server.root_pid)
         time.sleep(hold)
         after = tree_memory(server.root_pid)
-        hold_cpu = tree_cpu_seconds(server.root_pid) - cpu0
+        hold_cpu = (tree_cpu_ns_running(server.root_pid) - cpu0) / 1e9
         probe_ms = probe.stop()
         gens.send({"stop": True})
         done = gens.finish()

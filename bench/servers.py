@@ -84,6 +84,20 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLOCK_TICKS
 
 
+def tree_cpu_ns_running(root: int) -> int:
+    """CPU time of the tree's live processes in ns (/proc/PID/schedstat): precise where
+    clock ticks are not, e.g. 1,000 Dovecot processes that each NOOP twice in a window; it
+    misses processes that exit within the window, so it is for steady states only."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 @dataclass(frozen=True)
 class Memory:
     processes: int
