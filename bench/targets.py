@@ -92,7 +92,7 @@ FIGURES = (
     Figure("idle", "probe_noop_p99_ms", "NOOP p99 of a probe in an idle process", "ms", False),
     Figure("idle", "noop_interval_s", "NOOP interval per session", "s", False),
     Figure("idle", "hold_noops_s", "NOOPs/s while held", "/s", True),
-    Figure("idle", "cpu_us_per_noop", "server CPU per held session's NOOP", "µs", False),
+    Figure("idle", "cpu_us_per_noop", "server CPU while held, per NOOP", "µs", False),
     Figure("idle", "workers", "iupop3 workers", "", False),
     Figure("idle", "processes", "server processes", "", False),
     Figure("big", "total_ms", "login+STAT+LIST+UIDL+QUIT", "ms", False,
