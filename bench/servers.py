@@ -232,7 +232,8 @@ class Iupop3(Server):
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      cwd=self.work)
         log.close()
-        wait_for_greeting(self.port, self.proc)
+        # 26 workers each reading 100,000 users start in well over 30 s on two busy cores
+        wait_for_greeting(self.port, self.proc, timeout=60.0 + 3 * self.workers_started)
 
     def worker_pids(self) -> list[int]:
         return [pid for pid in process_tree(self.root_pid) if pid != self.root_pid]
