@@ -238,7 +238,8 @@ def write_results(out: str, document: dict) -> None:
     path = report.json_path(out, document["stamp"])
     report.write_json(path, document)
     print(f"\nresults: {path}")
-    title = (f"iupop3 / Dovecot, {document['mode']} run {document['stamp']} on "
+    who = "iupop3 / Dovecot" if "dovecot" in document["compared"] else "iupop3 alone"
+    title = (f"{who}, {document['mode']} run {document['stamp']} on "
              f"{os.cpu_count()} CPUs (load average {document['load_average_at_start']:.1f} at "
              f"start, {os.getloadavg()[0]:.1f} at end)")
     print(report.write_chart(path[:-5] + ".png", document["rows"], title))
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plan": vars(plan),
                 "servers": {"iupop3": {"version": iupop3_version(), "workers": args.workers},
                             "dovecot": {"version": peer_note, "reuse": args.dovecot_reuse}},
-                "rows": rows, "runs": runs}
+                "compared": names, "rows": rows, "runs": runs}
     write_results(args.out, document)
     print(f"bench: done in {time.time() - began:.0f}s")
     # The mail goes (it can be hundreds of MB); configs and server logs stay for a look.
