@@ -13,6 +13,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -204,21 +205,39 @@ def run_poll(job: dict) -> dict:
 
 # -- scenario 3: idle sessions ---------------------------------------------------------------
 class IdleSession:
-    __slots__ = ("client", "held", "error", "noops", "noop_ms")
+    __slots__ = ("client", "held", "error", "noops")
 
     def __init__(self) -> None:
         self.client: Client | None = None
         self.held = False
         self.error: str | None = None
         self.noops = 0
-        self.noop_ms: list[float] = []  # every NOOP's round trip, ramp and hold alike
 
 
-def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Window) -> None:
-    name, password = job["_user"]
+class IdleFleet:
+    """This process's share of the idle sessions and what they measured; ``phase`` is
+    "ramp" until the orchestrator says every process has logged all its sessions in."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.sessions = [IdleSession() for _ in job["users"]]
+        self.settled = 0  # sessions whose login finished, either way
+        self.phase = "ramp"
+        self.noop_ms: dict[str, list[float]] = {"ramp": [], "hold": []}
+        self.stop = Event()
+
+    def source(self, index: int) -> str | None:
+        sources = self.job.get("sources") or [None]
+        return sources[index % len(sources)]
+
+
+def idle_session(fleet: IdleFleet, index: int, gate, window: Window) -> None:
+    job, session = fleet.job, fleet.sessions[index]
+    name, password = job["users"][index]
     try:
         with gate:
-            session.client = Client(job["host"], job["port"], timeout=job["reply_timeout"])
+            session.client = Client(job["host"], job["port"], timeout=job["reply_timeout"],
+                                    source=fleet.source(index))
             session.client.greeting()
             session.client.login(name, password)
         session.held = True
@@ -228,14 +247,15 @@ def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Win
         if session.client:
             session.client.close()
         return
+    finally:
+        fleet.settled += 1
     interval = job["noop_interval"]
     delay = random.uniform(0, interval)  # spread the NOOPs evenly over the interval
-    while not stop.wait(delay):
+    while not fleet.stop.wait(delay):
         try:
             started = time.perf_counter()
             session.client.noop()
-            if job["_holding"][0]:  # "while held": NOOPs during the login ramp do not count
-                session.noop_ms.append((time.perf_counter() - started) * 1000)
+            fleet.noop_ms[fleet.phase].append((time.perf_counter() - started) * 1000)
             session.noops += 1
         except Pop3Error as exc:
             session.held = False
@@ -244,6 +264,30 @@ def idle_session(job: dict, session: IdleSession, gate, stop: Event, window: Win
             session.client.close()
             return
         delay = interval
+
+
+def wait_for_ramp(fleet: IdleFleet, started: float) -> str:
+    """Until every login has settled; gives up after ``ramp_timeout`` or when no login
+    settles for ``stall_timeout`` seconds (a server that stopped answering). Progress goes
+    to stderr every 10 s: a 100,000-session ramp takes minutes."""
+    job, total = fleet.job, len(fleet.sessions)
+    deadline = started + job["ramp_timeout"]
+    last_progress, last_count, last_report = time.time(), -1, time.time()
+    while fleet.settled < total:
+        now = time.time()
+        if fleet.settled != last_count:
+            last_progress, last_count = now, fleet.settled
+        if now > deadline:
+            return f"ramp timeout after {job['ramp_timeout']:.0f}s"
+        if now - last_progress > job["stall_timeout"]:
+            return f"ramp stalled: no login settled for {job['stall_timeout']:.0f}s"
+        if now - last_report >= 10:
+            held = sum(s.held for s in fleet.sessions)
+            print(f"loadgen {os.getpid()}: {fleet.settled}/{total} logins settled, {held} held, "
+                  f"{now - started:.0f}s", file=sys.stderr, flush=True)
+            last_report = now
+        gevent.sleep(0.2)
+    return ""
 
 
 def run_idle(job: dict) -> dict:
@@ -255,40 +299,39 @@ def run_idle(job: dict) -> dict:
     gevent.sleep(max(0.0, go["t0"] - time.time()))
     cpu0 = cpu_seconds()
     gate = BoundedSemaphore(job["login_concurrency"])
-    stop = Event()
-    sessions = [IdleSession() for _ in job["users"]]
-    greenlets = []
-    job["_holding"] = [False]  # shared by every session's copy of the job
-    for session, user in zip(sessions, job["users"]):
-        spec = dict(job, _user=user)
-        greenlets.append(gevent.spawn(idle_session, spec, session, gate, stop, window))
-    deadline = time.time() + job["ramp_timeout"]
-    while time.time() < deadline and any(not s.held and s.error is None for s in sessions):
-        gevent.sleep(0.2)
+    fleet = IdleFleet(job)
+    greenlets = [gevent.spawn(idle_session, fleet, i, gate, window)
+                 for i in range(len(fleet.sessions))]
+    gave_up = wait_for_ramp(fleet, go["t0"])
     ramp_s = time.time() - go["t0"]
-    job["_holding"][0] = True
     cpu1 = cpu_seconds()
-    emit({"event": "ramped", "held": sum(s.held for s in sessions),
-          "failed": sum(s.error is not None for s in sessions), "ramp_s": ramp_s,
-          "errors": dict(window.errors)})
+    emit({"event": "ramped", "held": sum(s.held for s in fleet.sessions),
+          "failed": sum(s.error is not None for s in fleet.sessions), "ramp_s": ramp_s,
+          "gave_up": gave_up, "errors": dict(window.errors)})
+    read_command()  # "hold": every process has ramped; NOOPs from now on count as held
+    fleet.phase = "hold"
+    hold_t0 = time.time()
     read_command()  # "stop", once the orchestrator has measured memory
-    hold_s = time.time() - go["t0"] - ramp_s
+    hold_s = time.time() - hold_t0
     cpu2 = cpu_seconds()
-    held = sum(s.held for s in sessions)
-    noops = sum(s.noops for s in sessions)
-    latencies = [ms for s in sessions for ms in s.noop_ms]
-    if len(latencies) > 20000:  # a fair sample is enough for percentiles
-        latencies = random.sample(latencies, 20000)
-    stop.set()  # sessions leave their loop once a NOOP in flight has its reply
+    held = sum(s.held for s in fleet.sessions)
+    noops = sum(s.noops for s in fleet.sessions)
+    fleet.stop.set()  # sessions leave their loop once a NOOP in flight has its reply
     gevent.joinall(greenlets, timeout=job["reply_timeout"])
-    for session in sessions:
+    for session in fleet.sessions:
         if session.client:
             session.client.close()
     return {"event": "done", "held": held, "noops": noops, "ramp_s": ramp_s,
-            "noop_ms": latencies,
+            "noop_ms": _sample(fleet.noop_ms["hold"]), "hold_noops": len(fleet.noop_ms["hold"]),
+            "ramp_noop_ms": _sample(fleet.noop_ms["ramp"]), "gave_up": gave_up,
             "errors": dict(window.errors), "error_examples": window.examples,
             "cpu_pct": 100.0 * (cpu2 - cpu1) / hold_s if hold_s > 0 else 0.0,
             "ramp_cpu_pct": 100.0 * (cpu1 - cpu0) / ramp_s if ramp_s > 0 else 0.0}
+
+
+def _sample(values: list[float], most: int = 20000) -> list[float]:
+    """A fair sample is enough for percentiles, and keeps the JSON line small."""
+    return random.sample(values, most) if len(values) > most else values
 
 
 JOBS = {

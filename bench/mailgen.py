@@ -161,3 +161,15 @@ def evict_page_cache(root: str) -> int:
             finally:
                 os.close(fd)
     return count
+
+
+INDEX_PREFIXES = ("dovecot", ".iupop3")  # Dovecot's index and uidlist, iupop3's ledger
+
+
+def index_files(maildir: str) -> dict[str, int]:
+    """The servers' own files at the top of a Maildir (name: size), for the report."""
+    found = {}
+    for entry in sorted(os.scandir(maildir), key=lambda e: e.name):
+        if entry.is_file(follow_symlinks=False) and entry.name.startswith(INDEX_PREFIXES):
+            found[entry.name] = entry.stat().st_size
+    return found

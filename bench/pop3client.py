@@ -24,14 +24,41 @@ class Pop3Error(Exception):
         self.detail = detail
 
 
-class Client:
-    def __init__(self, host: str, port: int, timeout: float = 30.0):
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
+
+
+def connect_from(source: str, host: str, port: int, timeout: float) -> socket.socket:
+    """Connect from SOURCE (IPv4 loopback). IP_BIND_ADDRESS_NO_PORT leaves the port to
+    connect(), which only needs the whole 4-tuple to be unique (and may reuse TIME_WAIT
+    ports on loopback), instead of bind() reserving it against every socket on SOURCE."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
         try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass  # an older kernel: bind() picks the port, still per source address
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Client:
+    def __init__(self, host: str, port: int, timeout: float = 30.0, source: str | None = None):
+        """SOURCE: the loopback address to connect from (bind before connect), so that many
+        sessions to one port are not limited to one address's ephemeral ports."""
+        try:
+            self.sock = (connect_from(source, host, port, timeout) if source
+                         else socket.create_connection((host, port), timeout=timeout))
         except socket.timeout:
             raise Pop3Error("connect timeout") from None
         except OSError as exc:
-            raise Pop3Error("connect", exc.strerror or str(exc)) from None
+            # the reason is part of the kind: "Cannot assign requested address" (ports used
+            # up) or "Too many open files" must show in the counts, not hide in one example
+            raise Pop3Error(f"connect: {exc.strerror or type(exc).__name__}", str(exc)) from None
         self.buf = bytearray()
 
     def close(self) -> None:

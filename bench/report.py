@@ -10,54 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 
+from bench.targets import evaluate, issue_rows, variant_key
 
-@dataclass(frozen=True)
-class Figure:
-    scenario: str
-    metric: str
-    label: str
-    unit: str
-    higher_is_better: bool
-    target: tuple[str, float] | None = None  # on the ratio: (">=", 3.0) or ("<=", 1.0)
-    only_variant: str | None = None  # the target applies to this variant only
-
-    def target_text(self, variant: str) -> str:
-        if not self.target or (self.only_variant and variant != self.only_variant):
-            return ""
-        op, value = self.target
-        return f"{'≥' if op == '>=' else '≤'} {value:g}x"
-
-    def met(self, variant: str, ratio: float) -> bool | None:
-        if not self.target_text(variant) or math.isnan(ratio):
-            return None
-        op, value = self.target
-        return ratio >= value if op == ">=" else ratio <= value
-
-
-FIGURES = (
-    Figure("storm", "rate", "sessions/s", "/s", True, (">=", 3.0), "c=32"),
-    Figure("storm", "p50_ms", "latency p50", "ms", False),
-    Figure("storm", "p99_ms", "latency p99", "ms", False, ("<=", 1.0), "c=32"),
-    Figure("storm", "cpu_ms", "server CPU per session", "ms", False),
-    Figure("retr", "mb_s", "message data", "MB/s", True, (">=", 1.0)),
-    Figure("retr", "cpu_ms_per_mb", "server CPU per MB", "ms", False),
-    Figure("idle", "held", "sessions held", "", True),
-    Figure("idle", "pss_kib", "PSS per session", "KiB", False, ("<=", 0.05)),
-    Figure("idle", "rss_kib", "RSS per session", "KiB", False),
-    Figure("idle", "ramp_s", "time to log all in", "s", False),
-    Figure("idle", "noop_p99_ms", "NOOP p99 while held (< 50 ms)", "ms", False),
-    Figure("big", "total_ms", "login+STAT+LIST+UIDL+QUIT", "ms", False, ("<=", 1.0)),
-    Figure("big", "login_ms", "of which login", "ms", False),
-    Figure("poll", "polls_s", "polls/s", "/s", True),
-    Figure("poll", "p99_ms", "poll latency p99", "ms", False),
-    Figure("poll", "sweep_s", "time to poll every user once", "s", False),
-    Figure("poll", "cpu_ms", "server CPU per poll", "ms", False),
-)
 
 TITLES = {"storm": "1. login storm", "retr": "2. bulk RETR", "idle": "3. idle sessions",
           "big": "4. big mailbox", "poll": "5. real poll"}
+NOT_RUN = "not run"
+PROJECTED_MARK = "†"  # a Dovecot value measured at smaller levels, not at this one
 
 
 def fmt(value: float | None) -> str:
@@ -72,37 +32,14 @@ def fmt(value: float | None) -> str:
 
 
 def build_rows(runs: dict, servers: list[str]) -> list[dict]:
-    """One row per (scenario, variant, figure) that has a value."""
-    rows = []
-    for figure in FIGURES:
-        for variant, by_server in runs.get(figure.scenario, {}).items():
-            values = {name: by_server.get(name, {}).get("figures", {}).get(figure.metric)
-                      for name in servers}
-            if all(v is None for v in values.values()):
-                continue
-            mine, theirs = values.get("iupop3"), values.get("dovecot")
-            ratio = float("nan")
-            if mine is not None and theirs not in (None, 0) and not math.isnan(theirs):
-                ratio = mine / theirs
-            rows.append({"scenario": figure.scenario, "variant": variant,
-                         "metric": figure.metric, "label": figure.label, "unit": figure.unit,
-                         "higher_is_better": figure.higher_is_better, "values": values,
-                         "ratio": None if math.isnan(ratio) else ratio,
-                         "target": figure.target_text(variant),
-                         "met": figure.met(variant, ratio)})
-    order = list(TITLES)
-    rows.sort(key=lambda r: (order.index(r["scenario"]), _variant_key(r["variant"])))
-    return rows
-
-
-def _variant_key(variant: str) -> tuple:
-    digits = "".join(c for c in variant if c.isdigit())
-    return (int(digits) if digits else 0, variant)
+    """One row per (scenario, variant, figure) that has a value, with target and verdict."""
+    return evaluate(runs, servers)
 
 
 def table(rows: list[dict], runs: dict, servers: list[str]) -> str:
     has_peer = "dovecot" in servers
-    head = ["figure", "unit", "iupop3"] + (["dovecot", "ratio", "target", ""] if has_peer else [])
+    head = (["figure", "unit", "iupop3"] + (["dovecot", "ratio"] if has_peer else [])
+            + ["target", ""])
     body = []
     last = None
     for row in rows:
@@ -113,24 +50,70 @@ def table(rows: list[dict], runs: dict, servers: list[str]) -> str:
         arrow = "↑" if row["higher_is_better"] else "↓"
         line = [f"  {row['label']} {arrow}", row["unit"], fmt(row["values"].get("iupop3"))]
         if has_peer:
-            verdict = {True: "met", False: "MISSED", None: ""}[row["met"]]
-            ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
-            line += [fmt(row["values"].get("dovecot")), ratio, row["target"], verdict]
-        body.append(line)
-    widths = [max(len(r[i]) for r in [head] + body if len(r) > i) for i in range(len(head))]
-    out = [_line(head, widths), _line(["-" * w for w in widths], widths)]
-    for line in body:
-        out.append(line[0] if len(line) == 1 else _line(line, widths))
+            line += [peer_cell(runs, row), f"{row['ratio']:.2f}x" if row["ratio"] else "-"]
+        body.append(line + [row["target"], verdict(row)])
+    out = _grid(head, body)
     out.append("")
-    out.append("↑ higher is better, ↓ lower is better; ratio = iupop3 / Dovecot.")
+    projected = any(PROJECTED_MARK in line[3] for line in body if has_peer and len(line) > 3)
+    out.append("↑ higher is better, ↓ lower is better; ratio = iupop3 / Dovecot."
+               + (f" {PROJECTED_MARK} Dovecot not run at this level: its figure from the "
+                  "smaller levels (see the checks below)." if projected else ""))
+    out.append("")
+    out.append(issue_table(rows, runs, has_peer))
     out.append("")
     out.append(checks(runs, servers))
     return "\n".join(out)
 
 
-def _line(cells: list[str], widths: list[int]) -> str:
-    parts = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-    parts += [c.rjust(w) for c, w in zip(cells[2:], widths[2:])]
+def verdict(row: dict) -> str:
+    return {True: "met", False: "MISSED", None: ""}[row["met"]]
+
+
+def peer_cell(runs: dict, row: dict, unit: str = "") -> str:
+    """Dovecot's figure; at a level it did not run, the one from smaller levels (marked) or
+    "not run"."""
+    run = runs.get(row["scenario"], {}).get(row["variant"], {}).get("dovecot")
+    value = row["values"].get("dovecot")
+    if run and run.get("skipped"):
+        return fmt(value) + unit + PROJECTED_MARK if value is not None else NOT_RUN
+    return fmt(value) + unit
+
+
+def issue_table(rows: list[dict], runs: dict, has_peer: bool) -> str:
+    """The issue's table: each target, what this run measured, met or MISSED."""
+    chosen = issue_rows(rows)
+    if not chosen:
+        return "Issue 15 targets: none of their scenarios ran."
+    head = ["issue 15 target row", "iupop3"] + (["dovecot", "ratio"] if has_peer else []) \
+        + ["target", ""]
+    body = []
+    for row in chosen:
+        unit = f" {row['unit']}" if row["unit"] and row["unit"] != "/s" else ""
+        line = [row["issue"], fmt(row["values"].get("iupop3")) + unit]
+        if has_peer:
+            line += [peer_cell(runs, row, unit),
+                     f"{row['ratio']:.2f}x" if row["ratio"] else "-"]
+        body.append(line + [row["target"], verdict(row) or "no ratio"])
+    met = sum(r["met"] is True for r in chosen)
+    missed = sum(r["met"] is False for r in chosen)
+    return "\n".join(_grid(head, body, first_cells=1)
+                     + [f"Issue 15: {met} met, {missed} missed, "
+                        f"{len(chosen) - met - missed} not judged (no Dovecot figure)."])
+
+
+def _grid(head: list[str], body: list[list[str]], first_cells: int = 2) -> list[str]:
+    widths = [max(len(r[i]) for r in [head] + body if len(r) > i) for i in range(len(head))]
+    out = [_line(head, widths, first_cells), _line(["-" * w for w in widths], widths,
+                                                   first_cells)]
+    for line in body:
+        out.append(line[0] if len(line) == 1 else _line(line, widths, first_cells))
+    return out
+
+
+def _line(cells: list[str], widths: list[int], left: int = 2) -> str:
+    """The first LEFT cells left-aligned (names), the rest right-aligned (figures)."""
+    parts = [c.ljust(w) for c, w in zip(cells[:left], widths[:left])]
+    parts += [c.rjust(w) for c, w in zip(cells[left:], widths[left:])]
     return "  ".join(parts).rstrip()
 
 
@@ -140,10 +123,14 @@ def checks(runs: dict, servers: list[str]) -> str:
            "per process):"]
     for scenario in TITLES:
         for variant, by_server in sorted(runs.get(scenario, {}).items(),
-                                         key=lambda kv: _variant_key(kv[0])):
+                                         key=lambda kv: variant_key(kv[0])):
             for name in servers:
                 run = by_server.get(name)
                 if run is None:
+                    continue
+                if run.get("skipped"):
+                    out.append(f"  {scenario} {variant} {name}: not run")
+                    out.extend(f"      {note}" for note in run.get("notes", []))
                     continue
                 errors = run.get("errors", {})
                 text = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
@@ -174,7 +161,8 @@ def write_json(path: str, document: dict) -> None:
 
 
 def write_chart(path: str, rows: list[dict], title: str) -> str:
-    """A horizontal bar per ratio (log scale); returns what happened, for the console."""
+    """Bars of the ratios to Dovecot (log scale) and, below them, of the targets on iupop3's
+    own values (value / target); returns what happened, for the console."""
     try:
         import matplotlib
 
@@ -183,41 +171,71 @@ def write_chart(path: str, rows: list[dict], title: str) -> str:
     except ImportError:
         return ("no chart: matplotlib is not installed "
                 "(.venv/bin/pip install matplotlib, then run again)")
-    rows = [r for r in rows if r["ratio"] is not None and r["ratio"] > 0]
-    if not rows:
-        return "no chart: no ratios (Dovecot not run)"
-    labels = [f"{TITLES[r['scenario']][3:]} {r['variant']}: {r['label']} "
-              f"{'↑' if r['higher_is_better'] else '↓'}" for r in rows]
-    ratios = [r["ratio"] for r in rows]
-    colours = [_colour(r) for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.6))
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, ratios, color=colours, left=0)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    for yi, row in zip(y, rows):
-        ax.text(row["ratio"] * 1.05, yi, f"{row['ratio']:.2f}x", va="center", fontsize=8)
-        if row["target"]:
-            value = float(row["target"].split()[1].rstrip("x"))
-            ax.plot([value, value], [yi - 0.4, yi + 0.4], color="black", linewidth=1.6)
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("iupop3 / Dovecot (log scale); ↑ higher is better, ↓ lower is better; "
-                  "black tick = target;\n"
-                  "green/red: target met/missed; blue/orange: iupop3 better/worse, no target")
-    ax.set_title(title, fontsize=10)
-    low, high = min(ratios + [0.05]), max(ratios + [3.0])
-    ax.set_xlim(low / 1.6, high * 2.2)
+    ratios = [r for r in rows if not r["absolute"] and r["ratio"] and r["ratio"] > 0]
+    absolute = [r for r in rows if r["absolute"] and (r["values"].get("iupop3") or 0) > 0]
+    if not ratios and not absolute:
+        return "no chart: no ratios (Dovecot not run) and no target on iupop3's own figures"
+    panels = [(p, kind) for p, kind in ((ratios, "ratio"), (absolute, "absolute")) if p]
+    heights = [0.38 * len(p) + 1.4 for p, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.4),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (panel, kind) in zip(axes[:, 0], panels):
+        if kind == "ratio":
+            _ratio_panel(ax, panel)
+        else:
+            _absolute_panel(ax, panel)
+    axes[0, 0].set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"chart: {path}"
 
 
+def _bars(ax, rows: list[dict], values: list[float], labels: list[str], texts: list[str],
+          ticks: list[float | None]) -> None:
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, values, color=[_colour(r) for r in rows], left=0)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for yi, value, text, tick in zip(y, values, texts, ticks):
+        ax.text(max(value, tick or 0) * 1.07, yi, text, va="center", fontsize=8)
+        if tick:
+            ax.plot([tick, tick], [yi - 0.4, yi + 0.4], color="black", linewidth=1.6)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    low, high = min(values + [0.05]), max(values + [3.0])
+    ax.set_xlim(low / 1.6, high * 2.6)
+
+
+def _label(row: dict) -> str:
+    return (f"{TITLES[row['scenario']][3:]} {row['variant']}: {row['label']} "
+            f"{'↑' if row['higher_is_better'] else '↓'}")
+
+
+def _ratio_panel(ax, rows: list[dict]) -> None:
+    ticks = [float(r["limit"]) if r["target"] else None for r in rows]
+    _bars(ax, rows, [r["ratio"] for r in rows], [_label(r) for r in rows],
+          [f"{r['ratio']:.2f}x" for r in rows], ticks)
+    ax.set_xlabel("iupop3 / Dovecot (log scale); ↑ higher is better, ↓ lower is better; "
+                  "black tick = target;\n"
+                  "green/red: target met/missed; blue/orange: iupop3 better/worse, no target")
+
+
+def _absolute_panel(ax, rows: list[dict]) -> None:
+    values = [r["values"]["iupop3"] / r["limit"] for r in rows]
+    texts = [f"{fmt(r['values']['iupop3'])}{' ' + r['unit'] if r['unit'] else ''} "
+             f"(target {r['target']})" for r in rows]
+    _bars(ax, rows, values, [_label(r) for r in rows], texts, [1.0] * len(rows))
+    ax.set_xlabel("iupop3 alone (Dovecot cannot hold this level here): its figure / the "
+                  "target (log scale);\ngreen/red: target met/missed")
+
+
 def _colour(row: dict) -> str:
     """Strong green/red: a target met/missed; pale blue/orange: iupop3 better/worse."""
     if row["met"] is not None:
         return "#2a9d43" if row["met"] else "#d1495b"
+    if row["ratio"] is None:
+        return "#bbbbbb"
     better = row["ratio"] >= 1 if row["higher_is_better"] else row["ratio"] <= 1
     return "#9cc3e6" if better else "#f4b183"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import random
 import shutil
 import subprocess
@@ -22,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from bench import mailgen
+from bench.fleet import NOOP_RATE_BUDGET
 from bench.mailgen import SeedCounter, User
 from bench.pop3client import Client, Pop3Error
-from bench.servers import Server, tree_cpu_seconds, tree_memory
+from bench.servers import Server, tree_cpu_seconds
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIB = 1024
+COPY_BATCH = 2000  # Maildirs per cp command (its argument list stays far below ARG_MAX)
 LOADGEN_PEGGED = 90.0  # % of one core: above this the load generator may be the bottleneck
 
 
@@ -45,6 +48,7 @@ class Plan:
     idle_levels: tuple[int, ...] = (1000, 2000)
     idle_hold: float = 12.0
     noop_interval: float = 5.0
+    noop_rate_budget: float = NOOP_RATE_BUDGET  # NOOPs/s over all sessions (bench/fleet.py)
     big_messages: int = 5000
     big_warm_runs: int = 5
     poll_users: int = 500
@@ -61,7 +65,7 @@ class Plan:
 
     @classmethod
     def full(cls) -> "Plan":
-        return cls(idle_levels=(1000, 2000, 10000))
+        return cls(idle_levels=(1000, 2000, 10000, 100000))
 
 
 @dataclass
@@ -98,24 +102,41 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class Loadgens:
-    """Several ``python -m bench.loadgen`` processes started together on a common clock."""
+    """Several ``python -m bench.loadgen`` processes started together on a common clock.
 
-    def __init__(self, jobs: list[dict]):
+    Their lines are read by one thread each, so every wait has a deadline (``timeout``
+    seconds for any one message): a stuck load generator fails the step, it never hangs it.
+    """
+
+    def __init__(self, jobs: list[dict], timeout: float = 120.0):
+        self.timeout = timeout
         self.procs = []
+        self.lines: list[queue.Queue] = []
         for job in jobs:
             proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen"], cwd=PROJECT,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             proc.stdin.write(json.dumps(job) + "\n")
             proc.stdin.flush()
             self.procs.append(proc)
-        for proc in self.procs:
-            self._expect(proc, "ready")
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            self.lines.append(lines)
+        try:
+            for index in range(len(self.procs)):
+                self._expect(index, "ready")
+        except RuntimeError:
+            self.kill()
+            raise
         self.t0 = time.time() + 0.3
         self.send({"t0": self.t0})
 
-    @staticmethod
-    def _expect(proc: subprocess.Popen, event: str) -> dict:
-        line = proc.stdout.readline()
+    def _expect(self, index: int, event: str) -> dict:
+        proc = self.procs[index]
+        try:
+            line = self.lines[index].get(timeout=self.timeout)
+        except queue.Empty:
+            raise RuntimeError(f"load generator {proc.pid} said nothing for {self.timeout:.0f}s "
+                               f"(waiting for {event})") from None
         if not line:
             raise RuntimeError(f"load generator {proc.pid} died (exit {proc.wait()})")
         message = json.loads(line)
@@ -129,7 +150,11 @@ class Loadgens:
             proc.stdin.flush()
 
     def expect_all(self, event: str) -> list[dict]:
-        return [self._expect(proc, event) for proc in self.procs]
+        try:
+            return [self._expect(index, event) for index in range(len(self.procs))]
+        except RuntimeError:
+            self.kill()
+            raise
 
     def finish(self) -> list[dict]:
         results = self.expect_all("done")
@@ -137,6 +162,19 @@ class Loadgens:
             proc.stdin.close()
             proc.wait(timeout=30)
         return results
+
+    def kill(self) -> None:
+        """Our own children, by pid: a failed step leaves no load generator behind."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put("")  # end of file: the process is gone
 
 
 class Bench:
@@ -167,7 +205,8 @@ class Bench:
                                                         for _ in range(10)])
         self._group("retr", "r", max(plan.retr_concurrency),
                     lambda: [plan.retr_size] * plan.retr_messages)
-        self._group("idle", "i", max(plan.idle_levels), lambda: [2 * KIB])
+        # one user more than the largest level: bench/idle.py's probe session
+        self._group("idle", "i", max(plan.idle_levels) + 1, lambda: [2 * KIB])
         self._group("big", "b", 1, lambda: [rng.randint(1 * KIB, 12 * KIB)
                                             for _ in range(plan.big_messages)])
         self._group("poll", "p", plan.poll_users, lambda: [rng.randint(2 * KIB, 40 * KIB)
@@ -186,8 +225,10 @@ class Bench:
 
     @contextlib.contextmanager
     def serving(self, server: Server, group: str, sessions: int,
-                before_start=None) -> Iterator[str]:
-        """A fresh hard-linked copy of GROUP's Maildirs, served by SERVER; yields the root.
+                before_start=None, users: list[User] | None = None) -> Iterator[str]:
+        """A fresh hard-linked copy of GROUP's Maildirs (only USERS' when given: an idle level
+        of 1,000 need not copy the 100,000 users of the largest), served by SERVER; yields
+        the root.
 
         Maildir files are never rewritten, only renamed or unlinked, so hard links keep the
         two servers' copies byte-identical without one server's renames reaching the other.
@@ -195,7 +236,14 @@ class Bench:
         self._copies += 1
         root = os.path.join(self.work, "serve", f"{server.name}-{group}-{self._copies}")
         os.makedirs(os.path.dirname(root), exist_ok=True)
-        subprocess.run(["cp", "-al", os.path.join(self.master, group), root], check=True)
+        source = os.path.join(self.master, group)
+        if users is None or len(users) >= len(self.groups[group]):
+            subprocess.run(["cp", "-al", source, root], check=True)
+        else:
+            os.makedirs(root)
+            for start in range(0, len(users), COPY_BATCH):
+                names = [os.path.join(source, u.name) for u in users[start:start + COPY_BATCH]]
+                subprocess.run(["cp", "-al", *names, root], check=True)
         if before_start:
             before_start(root)
         try:
@@ -203,7 +251,7 @@ class Bench:
             yield root
         finally:
             server.stop()
-            shutil.rmtree(root, ignore_errors=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", root], check=False)
 
     def job(self, server: Server, kind: str, users: list[User], **extra) -> dict:
         return {"kind": kind, "host": "127.0.0.1", "port": server.port,
@@ -244,7 +292,7 @@ class Bench:
             "cpu_ms": 1000 * cpu_s / sessions if sessions else float("nan"),
             "errors": sum(result.errors.values()),
         }
-        return self._check_loadgen(result)
+        return self.check_loadgen(result)
 
     # -- 2. bulk RETR ---------------------------------------------------------------------
     def bulk_retr(self, server: Server, concurrency: int) -> Result:
@@ -257,63 +305,34 @@ class Bench:
             "cpu_ms_per_mb": 1000 * cpu_s / megabytes if megabytes else float("nan"),
             "errors": sum(result.errors.values()),
         }
-        return self._check_loadgen(result)
-
-    # -- 3. idle sessions -----------------------------------------------------------------
-    def idle_sessions(self, server: Server, count: int) -> Result:
-        plan, result = self.plan, Result()
-        users = self.groups["idle"][:count]
-        procs = max(plan.loadgen_procs, -(-count // 5000))  # <= 5,000 sockets per process
-        with self.serving(server, "idle", count):
-            time.sleep(1.0)  # let the server settle (Dovecot starts login processes)
-            before = tree_memory(server.root_pid)
-            gens = Loadgens([self.job(server, "idle", chunk, noop_interval=plan.noop_interval,
-                                      reply_timeout=30.0, login_concurrency=32,
-                                      ramp_timeout=60.0 + count / 50)
-                             for chunk in split(users, procs)])
-            ramped = gens.expect_all("ramped")
-            ramp_s = max(r["ramp_s"] for r in ramped)
-            cpu0 = tree_cpu_seconds(server.root_pid)
-            time.sleep(plan.idle_hold)
-            after = tree_memory(server.root_pid)
-            hold_cpu = tree_cpu_seconds(server.root_pid) - cpu0
-            gens.send({"stop": True})
-            done = gens.finish()
-        held = sum(d["held"] for d in done)
-        for d in done:
-            result.add_errors(d)
-            result.loadgen_cpu.append(round(d["ramp_cpu_pct"], 1))
-        per = max(held, 1)
-        result.figures = {
-            "held": held,
-            "pss_kib": (after.pss_kib - before.pss_kib) / per,
-            "rss_kib": (after.rss_kib - before.rss_kib) / per,
-            "total_pss_mib": after.pss_kib / KIB,
-            "processes": after.processes,
-            "ramp_s": ramp_s,
-            "noop_p99_ms": percentile([ms for d in done for ms in d.get("noop_ms", [])], 99),
-            "hold_cpu_pct": 100 * hold_cpu / plan.idle_hold,
-            "errors": sum(result.errors.values()),
-        }
-        result.notes.append(f"baseline {before.pss_kib / KIB:.1f} MiB PSS in "
-                            f"{before.processes} processes; NOOPs sent: "
-                            f"{sum(d['noops'] for d in done)}")
-        if held < count:
-            result.notes.append(f"only {held} of {count} sessions held")
-        return self._check_loadgen(result)
+        return self.check_loadgen(result)
 
     # -- 4. big mailbox -------------------------------------------------------------------
     def big_mailbox(self, server: Server) -> dict[str, Result]:
-        cold, warm = Result(), Result()
+        """The first session ever (no index, cache dropped), warm sessions, then the first
+        session after a restart with the page cache of the mail AND of the index or ledger
+        files the first session left (Dovecot's dovecot.index*/dovecot-uidlist, iupop3's
+        .iupop3.ledger, all in the Maildir under this config) dropped."""
+        first, warm, restart = Result(), Result(), Result()
         who = self.groups["big"][0]
-        with self.serving(server, "big", 4, before_start=mailgen.evict_page_cache):
-            cold.figures = self._big_session(server, who, cold)
+        with self.serving(server, "big", 4, before_start=mailgen.evict_page_cache) as root:
+            first.figures = self._big_session(server, who, first)
             runs = [self._big_session(server, who, warm) for _ in range(self.plan.big_warm_runs)]
+            server.stop()
+            maildir = os.path.join(root, who.name, "Maildir")
+            kept = mailgen.index_files(maildir)
+            dropped = mailgen.evict_page_cache(root)
+            server.start(root, 4)
+            restart.figures = self._big_session(server, who, restart)
         warm.figures = {key: percentile([r[key] for r in runs], 50) for key in runs[0]}
-        warm.figures["errors"] = sum(warm.errors.values())
-        cold.figures["errors"] = sum(cold.errors.values())
+        for result in (first, warm, restart):
+            result.figures["errors"] = sum(result.errors.values())
         warm.notes.append(f"median of {len(runs)} sessions")
-        return {"cold": cold, "warm": warm}
+        restart.notes.append(f"page cache dropped for {dropped} files after the stop; index "
+                             "files in the Maildir: " + (", ".join(
+                                 f"{name} ({size:,} B)" for name, size in kept.items())
+                                 or "none"))
+        return {"first": first, "warm": warm, "restart": restart}
 
     def _big_session(self, server: Server, who: User, result: Result) -> dict[str, float]:
         expected = self.plan.big_messages
@@ -391,7 +410,7 @@ class Bench:
         }
         result.notes.append(f"{initial} messages at start, {len(delivered)} delivered during "
                             f"the run, {len(seeds)} retrieved and deleted, {remaining} left")
-        return self._check_loadgen(result)
+        return self.check_loadgen(result)
 
     def _deliver(self, root: str, users: list[User], stop: threading.Event,
                  delivered: list[int], t0: float) -> None:
@@ -414,7 +433,8 @@ class Bench:
         return _CpuProbe(server.root_pid, start, seconds)
 
     @staticmethod
-    def _check_loadgen(result: Result) -> Result:
+    def check_loadgen(result: Result) -> Result:
+        """A note when a load generator was near a full core: the client may be the limit."""
         if result.loadgen_cpu and max(result.loadgen_cpu) > LOADGEN_PEGGED:
             result.notes.append(f"load generator near saturation ({max(result.loadgen_cpu)}% of "
                                 f"a core in one process): the figure may be the client's limit")

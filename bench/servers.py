@@ -16,7 +16,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench.fleet import workers_for
 from bench.mailgen import User, write_dovecot_passwd
+from shared.descriptors import hard_limit, session_capacity
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVECOT_POP3 = "/usr/lib/dovecot/pop3"
@@ -82,6 +84,20 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLOCK_TICKS
 
 
+def tree_cpu_ns_running(root: int) -> int:
+    """CPU time of the tree's live processes in ns (/proc/PID/schedstat): precise where
+    clock ticks are not, e.g. 1,000 Dovecot processes that each NOOP twice in a window; it
+    misses processes that exit within the window, so it is for steady states only."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 @dataclass(frozen=True)
 class Memory:
     processes: int
@@ -105,6 +121,20 @@ def tree_memory(root: int) -> Memory:
             elif line.startswith("Rss:"):
                 rss += int(line.split()[1])
     return Memory(count, pss, rss)
+
+
+def settle(server: "Server", seconds: float = 30.0) -> None:
+    """Until every process the server starts is up and quiet (its tree uses under 10% of a
+    core over half a second), so a memory baseline does not catch workers still importing."""
+    deadline = time.time() + seconds
+    wanted = server.expected_processes()
+    last = tree_cpu_seconds(server.root_pid)
+    while time.time() < deadline:
+        time.sleep(0.5)
+        now = tree_cpu_seconds(server.root_pid)
+        if len(process_tree(server.root_pid)) >= wanted and now - last < 0.05:
+            return
+        last = now
 
 
 # -- the servers ----------------------------------------------------------------------------
@@ -169,6 +199,9 @@ class Server:
 
     log_path = ""
 
+    def expected_processes(self) -> int:
+        return 1
+
 
 class Iupop3(Server):
     name = "iupop3"
@@ -179,16 +212,19 @@ class Iupop3(Server):
         self.workers = workers
         self.log_path = os.path.join(work, "iupop3.log")
         self.command = _iupop3_command()
+        self.workers_started = workers
 
     def start(self, mail_root: str, max_sessions: int) -> None:
-        """Serve the Maildirs MAIL_ROOT/<user>/Maildir; accept MAX_SESSIONS and some more."""
+        """Serve the Maildirs MAIL_ROOT/<user>/Maildir; accept MAX_SESSIONS and some more,
+        with enough workers that each stays under its descriptor capacity."""
         self.mail_root = mail_root
         self.port = free_port()
+        self.workers_started = workers_for(max_sessions, self.workers, worker_capacity())
         argv = [*self.command, "-users", self.users_file,
                 "-mail", f"maildir:{self.mail_root}/%u/Maildir", "-listen", "127.0.0.1",
                 "-port", str(self.port), "-loglevel", "ERROR", "-maxmsg", "0",
                 "-maxclients", str(max_sessions + 100), "-timeout", "600",
-                "-workers", str(self.workers), "-grace", "2",
+                "-workers", str(self.workers_started), "-grace", "2",
                 # every bench client comes from 127.0.0.1: no per-address cap (Dovecot has none)
                 "-max-per-address", "0"]
         log = open(self.log_path, "a")
@@ -196,10 +232,20 @@ class Iupop3(Server):
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      cwd=self.work)
         log.close()
-        wait_for_greeting(self.port, self.proc)
+        # 26 workers each reading 100,000 users start in well over 30 s on two busy cores
+        wait_for_greeting(self.port, self.proc, timeout=60.0 + 3 * self.workers_started)
 
     def worker_pids(self) -> list[int]:
         return [pid for pid in process_tree(self.root_pid) if pid != self.root_pid]
+
+    def expected_processes(self) -> int:
+        return 1 + self.workers_started
+
+
+def worker_capacity() -> int:
+    """Sessions one iupop3 worker can hold under the hard descriptor limit, by the server's
+    own budget (shared/descriptors.py: what it counts per session may change)."""
+    return session_capacity(hard_limit())
 
 
 def _iupop3_command() -> list[str]:
