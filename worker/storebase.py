@@ -146,8 +146,10 @@ def session_flock(fd: int, maildrop: str, stamp: bytes = b"") -> int:
         raise MaildropError(f"cannot lock maildrop {maildrop}: {exc.strerror}") from None
     if stamp:
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, stamp[:STAMP_MAX], 0)
+            # Write, then cut what an older, longer stamp left: truncating a non-empty file to
+            # zero first cost 30-50 us of CPU (and up to 0.5 ms) per login on ext4.
+            written = os.pwrite(fd, stamp[:STAMP_MAX], 0)
+            os.ftruncate(fd, written)
         except OSError:
             pass
     return fd
