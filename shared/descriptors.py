@@ -10,11 +10,23 @@ from __future__ import annotations
 import os
 import resource
 
-# A session holds its socket and its maildrop lock, and briefly a message file or a directory.
-FDS_PER_SESSION = 4
-# What a worker keeps for itself beyond its sessions: channel, statistics, log, inotify, the
-# thread pool's transient opens, a users-file reload.
-WORKER_SPARE_FDS = 32
+# Between commands a logged-in session holds its socket and its maildrop's lock file, nothing
+# else: the maildrop's directory is walked again for each command that needs it
+# (worker/maildir.py, worker/mbox.py), and a message file is open only while it streams.
+FDS_PER_SESSION = 2
+# At most this many of a worker's sessions stream a message file at once (RETR, TOP: one
+# descriptor each); the others wait for a slot (worker/streamslots.py).
+STREAMS_AT_ONCE = 1024
+# The worker's thread pool, and what one of its tasks may hold open at once: a commit holds
+# the Maildir, new/ and cur/, the wastebasket and .MAIL folders with their three sub folders
+# each, and maildirsize; a login the walk's two steps, a sub folder, the lock, ledger and
+# import files; an mbox commit the directory, spool, dot-lock temp, new spool and journal.
+POOL_THREADS = 10
+FDS_PER_POOL_TASK = 16
+# What a worker keeps beyond its sessions: the streams and pool tasks above; its channel,
+# statistics, log, inotify, takeover desk and its requests, a users-file reload.
+WORKER_MISC_FDS = 64
+WORKER_SPARE_FDS = STREAMS_AT_ONCE + POOL_THREADS * FDS_PER_POOL_TASK + WORKER_MISC_FDS
 # What a freshly started worker has open before any session (measured: about 20).
 WORKER_BASE_FDS = 24
 SOFT_LIMIT_CAP = 1 << 20  # with an unlimited hard limit, do not ask for more than this

@@ -355,12 +355,14 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     hub = gevent.get_hub()
+    hub.threadpool.maxsize = descriptors.POOL_THREADS  # the descriptor budget counts them
     link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                                fileno=CHANNEL_FD))
     ctx = build_context(settings, stats, slot, source,
                         offload=lambda f, *a: in_threadpool(hub, f, *a,
                                                              beat=lambda: pool_beat(stats, slot)),
-                        sleep=gevent.sleep, supervisor=link)
+                        sleep=gevent.sleep, supervisor=link,
+                        streams=gevent.lock.BoundedSemaphore(descriptors.STREAMS_AT_ONCE))
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
     return Worker(slot, settings, stats, ctx, link, reloader, handler).run()
 

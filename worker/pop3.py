@@ -17,7 +17,7 @@ from shared.netaddr import normalized
 from shared.stats import Counter
 from shared.users import Account, user_name
 from worker import replies as R
-from worker import retention, rewrite, sasl, store, takeover, xclient
+from worker import retention, rewrite, sasl, store, streamslots, takeover, xclient
 from worker.authguard import Outcome
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
@@ -517,6 +517,10 @@ class Session(SaslExchange):
         self._write(b"".join(pending))
 
     def _open(self, message: Message):
+        """The message's file in one of the worker's stream slots (worker.streamslots)."""
+        return streamslots.counted(self.ctx.streams, lambda: self._open_stored(message))
+
+    def _open_stored(self, message: Message):
         try:
             return self.ctx.offload(self.maildrop.open_message, message)  # pool: worker.store
         except FileNotFoundError as exc:  # removed by another program since the scan
