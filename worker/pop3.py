@@ -87,11 +87,13 @@ class Session(SaslExchange):
         self.took_over = False  # this login ended an idle session of its maildrop (issue 13)
         self.account: Account | None = None
         self.policy = retention.Policy()
-        self.retrieved: set[int] = set()  # RETRs sent whole: first retrievals if the client QUITs
+        # RETRs sent whole (first retrievals if the client QUITs), and DELEs: dicts used as
+        # ordered sets, 64 bytes empty against a set's 216, in every idle session (issue 15).
+        self.retrieved: dict[int, None] = {}
         self.failures = 0
         self.maildrop = None
         self.messages: list[Message] = []
-        self.deleted: set[int] = set()
+        self.deleted: dict[int, None] = {}
 
     # -- output ---------------------------------------------------------------------------
     def reply(self, line: str) -> None:
@@ -161,7 +163,8 @@ class Session(SaslExchange):
         # PASS, APOP and AUTH arguments are masked at every level (logsetup.masked_line).
         stray_response = self.auth_refused and not self._is_command(line)
         self.auth_refused = False
-        self._log_client(masked_line(line, sasl_response=stray_response))
+        if self.log.isEnabledFor(THREAD):  # not at the default level: no masking, no text
+            self._log_client(masked_line(line, sasl_response=stray_response))
 
     def _is_command(self, line: bytes) -> bool:
         words = line.split()
@@ -477,7 +480,7 @@ class Session(SaslExchange):
                          xid)
             pieces = self.ctx.rewriter.render(fh, message.foreign, xid)
             self._send_multiline(R.RETR.format(octets=message.size), pieces)
-        self.retrieved.add(message.index)
+        self.retrieved[message.index] = None
         self.ctx.stats.retrieved(message.size)
 
     def pop_TOP(self, rest: bytes) -> None:
@@ -540,7 +543,7 @@ class Session(SaslExchange):
         message = self._message(args[0])
         if message is None:
             return
-        self.deleted.add(message.index)
+        self.deleted[message.index] = None
         if message.foreign:
             # IUPOP3 1.8 "simply lies about having deleted" a foreign message: see commit.
             self.log.log(THREAD, "DELE %d: foreign, goes to %s at update", message.index + 1,
