@@ -248,14 +248,17 @@ class Connection:
         deadline = self.deadline
         while not session.closing:
             wait = self._wait(deadline)
+            # Nothing buffered and nothing to read now: park (worker.parking) rather than wait.
             park = wait > PARK_AFTER and not buffer and not discarding and self._parkable()
-            self.sock.settimeout(PARK_AFTER if park else wait)
+            self.sock.settimeout(0.0 if park else wait)
             self.reading = True
             try:
                 data = self.sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                if not park:
+                    raise
+                self._park(deadline)
             except TimeoutError:
-                if park:
-                    self._park(deadline)
                 continue  # the next _wait raises for the deadline that passed
             finally:
                 self.reading = False

@@ -17,7 +17,7 @@ from typing import Any
 
 import gevent
 
-PARK_AFTER = 2.0      # seconds without a byte before a logged-in session parks
+PARK_AFTER = 2.0      # a session parks only when its idle deadline is further than this
 SWEEP_SECONDS = 1.0   # how often idle deadlines of parked sessions are checked (late by <= 1 s)
 READ = 1              # libev/libuv EV_READ
 
