@@ -97,6 +97,7 @@ class Connection:
         self.parking: Parking | None = None
         self.deadline = 0.0
         self.address_key = 0  # the supervisor's key of the client address (worker/main.py)
+        self.encrypted = False
 
     def _new_session(self, secure: bool) -> Session:
         session = Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
@@ -123,6 +124,7 @@ class Connection:
         # The whole handshake is bounded, not each read: a trickled ClientHello is a slowloris.
         with Timeout(self.ctx.settings.timeout, TimeoutError("TLS handshake too slow")):
             self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.encrypted = True  # never parks: gevent's SSLSocket is no ssl.SSLSocket
         old = self.session
         self.session = self._new_session(secure=True)
         self.session.failures = old.failures  # STLS must not reset the login-attempt budget
@@ -297,7 +299,7 @@ class Connection:
         socket may hold decrypted bytes no watcher sees)."""
         session = self.session
         return (self.parking is not None and session.state is State.TRANSACTION
-                and session.continuation is None and not isinstance(self.sock, ssl.SSLSocket))
+                and session.continuation is None and not self.encrypted)
 
     def _park(self, deadline: float) -> None:
         """End this greenlet; the session waits in worker.parking for its next bytes."""
