@@ -30,11 +30,12 @@ def test_a_parked_session_serves_its_next_commands_and_applies_its_quit(start_se
     raw = _logged_in(server)
     assert raw.command("DELE 1").startswith(b"+OK")
     server.wait_for(PARKED)
+    parks = len(re.findall(PARKED, server.output))
     assert raw.command("NOOP") == R.NOOP.encode()
     assert raw.command("RETR 2").startswith(b"+OK")
     assert b"Subject: message 2" in b"\n".join(raw.multiline())
-    # Parked after the login, the DELE, the NOOP and the RETR.
-    assert wait_until(lambda: len(re.findall(PARKED, server.output)) >= 4)
+    # Nothing more to read after the RETR: it parks again (and maybe after the NOOP too).
+    assert wait_until(lambda: len(re.findall(PARKED, server.output)) > parks)
     assert raw.command("STAT").startswith(b"+OK 2 ")
     assert raw.command("QUIT").startswith(b"+OK")
     folder = server.maildir("alice")
