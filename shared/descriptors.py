@@ -61,9 +61,22 @@ def open_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1
 
 
+def spare_fds(limit: int) -> int:
+    """What a worker keeps beyond its sessions under ``limit``: ``WORKER_SPARE_FDS``, or a
+    quarter of a small limit (below about 5,000 the worst case of every stream slot and pool
+    thread busy at once is not reserved: a burst may then meet EMFILE, answered -ERR)."""
+    return min(WORKER_SPARE_FDS, limit // 4)
+
+
+def stream_slots(limit: int) -> int:
+    """Message files a worker may have open at once under ``limit`` (worker/streamslots.py)."""
+    room = spare_fds(limit) - POOL_THREADS * FDS_PER_POOL_TASK - WORKER_MISC_FDS
+    return max(1, min(STREAMS_AT_ONCE, room))
+
+
 def session_capacity(limit: int, open_now: int = WORKER_BASE_FDS) -> int:
     """Sessions a worker with ``open_now`` descriptors open can add under ``limit``."""
-    return max(0, (limit - open_now - WORKER_SPARE_FDS) // FDS_PER_SESSION)
+    return max(0, (limit - open_now - spare_fds(limit)) // FDS_PER_SESSION)
 
 
 def maxclients_problem(maxclients: int, nworkers: int, limit: int) -> str | None:

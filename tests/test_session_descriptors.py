@@ -198,6 +198,10 @@ def test_the_budget_counts_two_descriptors_a_session_and_the_spare_for_transient
             + descriptors.STREAMS_AT_ONCE + descriptors.POOL_THREADS
             * descriptors.FDS_PER_POOL_TASK)
     assert busy <= 20_000
+    assert descriptors.stream_slots(20_000) == descriptors.STREAMS_AT_ONCE
+    # A small limit keeps a quarter for the worker and still serves sessions.
+    assert descriptors.session_capacity(200) == (200 - descriptors.WORKER_BASE_FDS - 50) // 2
+    assert descriptors.stream_slots(200) == 1
 
 
 class _Slots:

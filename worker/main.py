@@ -394,7 +394,8 @@ def main(argv: list[str]) -> int:
                         offload=lambda f, *a: in_threadpool(hub, f, *a,
                                                              beat=lambda: pool_beat(stats, slot)),
                         sleep=gevent.sleep, supervisor=link,
-                        streams=gevent.lock.BoundedSemaphore(descriptors.STREAMS_AT_ONCE))
+                        streams=gevent.lock.BoundedSemaphore(
+                            descriptors.stream_slots(descriptors.soft_limit())))
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
     return Worker(slot, settings, stats, ctx, link, reloader, handler).run()
 
