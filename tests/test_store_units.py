@@ -75,7 +75,8 @@ def test_bad_store_settings_stop_the_start_with_one_line(tmp_path, args, words):
 def test_both_stores_offer_the_maildrop_interface():
     """Maildir and Mbox have every method of worker.store.Maildrop."""
     wanted = {name for name in vars(store.Maildrop) if not name.startswith("_")}
-    assert wanted == {"lock", "unlock", "scan", "open_message", "commit", "save_ledger"}
+    assert wanted == {"lock", "unlock", "close_directory", "scan", "open_message", "commit",
+                      "save_ledger"}
     for cls in (Maildir, Mbox):
         assert wanted <= set(dir(cls)), cls
 

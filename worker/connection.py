@@ -23,6 +23,7 @@ from shared.stats import Counter
 from worker import replies as R
 from worker.context import ServerContext
 from worker.limits import ConnectionLimits
+from worker.parking import PARK_AFTER, Parked, Parking
 from worker.pop3 import ConnectionLost, Session, State
 from worker.store import LockKey
 
@@ -86,6 +87,12 @@ class Connection:
         self.idle_since = time.monotonic()
         self.released = gevent.event.Event()  # the session's maildrop lock is dropped
         self.greenlet: gevent.Greenlet | None = None
+        # Where an idle logged-in session waits without a greenlet (worker.parking); None:
+        # never parks (the sans-IO tests). ``deadline``: the idle deadline, kept while parked.
+        self.parking: Parking | None = None
+        self.deadline = 0.0
+        self.address_key = 0  # the supervisor's key of the client address (worker/main.py)
+        self.encrypted = False
 
     def _new_session(self, secure: bool) -> Session:
         session = Session(self.ctx, self.write, self.peer, self.session_id, secure=secure,
@@ -112,6 +119,7 @@ class Connection:
         # The whole handshake is bounded, not each read: a trickled ClientHello is a slowloris.
         with Timeout(self.ctx.settings.timeout, TimeoutError("TLS handshake too slow")):
             self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.encrypted = True  # never parks: gevent's SSLSocket is no ssl.SSLSocket
         old = self.session
         self.session = self._new_session(secure=True)
         self.session.failures = old.failures  # STLS must not reset the login-attempt budget
@@ -135,38 +143,57 @@ class Connection:
         except OSError as exc:
             raise ConnectionLost(exc.strerror or str(exc)) from None
 
-    def serve(self) -> None:
-        ctx, session = self.ctx, self.session
+    def serve(self) -> bool:
+        """Serve the connection; True when the session parked (it goes on in ``resume``)."""
+        ctx = self.ctx
         ctx.stats.count(Counter.CURRENT)
         # RECEIVED only after CURRENT: the supervisor reads RECEIVED, then CURRENT, so on the
         # other core it may count this session twice for an instant but never miss it
         # (the other order let a burst exceed -maxclients by one: tests/test_attack.py).
         ctx.stats.count(Counter.RECEIVED)
         ctx.stats.count(Counter.TOTAL)
-        outcome = Counter.ABNORMAL
-        self.greenlet = gevent.getcurrent()
         ctx.takeover.register(self.session_id, self)
-        try:
-            self.sock.settimeout(ctx.settings.timeout)
-            if self.proxied is not None and session.log.isEnabledFor(THREAD):
-                session.log.log(THREAD, "%s from %s", self.proxied.describe(),
-                                peer_name(self.sock))
-            if self.implicit_tls:
-                self._start_tls()
-                session = self.session
-            session.start()
+        self.deadline = time.monotonic() + ctx.settings.timeout
+        return self._run(self._begin)
+
+    def resume(self, error: BaseException | None = None) -> bool:
+        """Go on after parking (worker.parking): read the next line, or end with ``error``
+        (TakenOver, GreenletExit for a shutdown). True when it parked again."""
+        def step() -> None:
+            if error is not None:
+                raise error
             self._read_loop()
-            session = self.session
-            if session.closing:
+        return self._run(step)
+
+    def _begin(self) -> None:
+        self.sock.settimeout(self.ctx.settings.timeout)
+        if self.proxied is not None and self.session.log.isEnabledFor(THREAD):
+            self.session.log.log(THREAD, "%s from %s", self.proxied.describe(),
+                                 peer_name(self.sock))
+        if self.implicit_tls:
+            self._start_tls()
+        self.session.start()
+        self._read_loop()
+
+    def _run(self, step) -> bool:
+        ctx = self.ctx
+        outcome = Counter.ABNORMAL
+        parked = False
+        self.greenlet = gevent.getcurrent()
+        try:
+            step()
+            if self.session.closing:
                 outcome = Counter.NORMAL
+        except Parked:
+            parked = True
         except LoginTimeout:
             outcome = Counter.TIMEOUTS
-            session = self.session
-            session.log.log(THREAD, "no login within %ds of connect", ctx.settings.login_timeout)
+            self.session.log.log(THREAD, "no login within %ds of connect",
+                                 ctx.settings.login_timeout)
             self._try_send(R.LOGIN_TIMEOUT.format(seconds=ctx.settings.login_timeout))
         except TimeoutError:
             outcome = Counter.TIMEOUTS
-            session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
+            self.session.log.log(THREAD, "timeout after %ds of silence", ctx.settings.timeout)
             self._try_send(R.TIMEOUT.format(seconds=ctx.settings.timeout))
         except TakenOver as exc:
             self.session.release()  # first: the new login is waiting for this lock
@@ -184,16 +211,21 @@ class Connection:
         except Exception:
             self.session.log.exception("unexpected error in session")
         finally:
-            session = self.session
-            session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
-            self.released.set()
-            ctx.takeover.unregister(self.session_id)
-            if self.limits.log_repeats.suppressed:
-                session.log.log(THREAD, "%d repeated log lines were not written",
-                                self.limits.log_repeats.suppressed)
-            ctx.stats.count(outcome)
-            ctx.stats.count(Counter.CURRENT, -1)
-            self.sock.close()  # the worker tells the supervisor (worker/main.py Worker.serve)
+            if not parked:
+                self._end(outcome)
+        return parked
+
+    def _end(self, outcome: Counter) -> None:
+        ctx, session = self.ctx, self.session
+        session.release()  # after QUIT a no-op; otherwise drops the lock, applies nothing
+        self.released.set()
+        ctx.takeover.unregister(self.session_id)
+        if self.limits.log_repeats.suppressed:
+            session.log.log(THREAD, "%d repeated log lines were not written",
+                            self.limits.log_repeats.suppressed)
+        ctx.stats.count(outcome)
+        ctx.stats.count(Counter.CURRENT, -1)
+        self.sock.close()  # the worker tells the supervisor (worker/main.py Worker.serve)
 
     def _closed_by_shutdown(self) -> None:
         """Killed past -grace. In UPDATE only once the pool finished the commit (a kill cannot
@@ -210,12 +242,19 @@ class Connection:
         # RFC 1939 section 3: a *command* resets the autologout timer, so a client trickling
         # bytes that never end a line (slowloris) is cut at -timeout like a silent one.
         timeout = self.ctx.settings.timeout
-        deadline = time.monotonic() + timeout
+        deadline = self.deadline
         while not session.closing:
-            self.sock.settimeout(self._wait(deadline))
+            wait = self._wait(deadline)
+            # Nothing buffered and nothing to read now: park (worker.parking) rather than wait.
+            park = wait > PARK_AFTER and not buffer and not discarding and self._parkable()
+            self.sock.settimeout(0.0 if park else wait)
             self.reading = True
             try:
                 data = self.sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                if not park:
+                    raise
+                self._park(deadline)
             except TimeoutError:
                 continue  # the next _wait raises for the deadline that passed
             finally:
@@ -244,11 +283,27 @@ class Connection:
                     continue
                 session.handle_line(line)
                 self.idle_since = time.monotonic()
-                deadline = self.idle_since + timeout
+                deadline = self.deadline = self.idle_since + timeout
                 if session.start_tls:
                     buffer = b""  # pipelined after STLS: thrown away (RFC 2595, CVE-2011-0411)
                     self._start_tls()
                     session = self.session
+
+    def _parkable(self) -> bool:
+        """Idle and logged in, with nothing buffered anywhere: TLS keeps its greenlet (its
+        socket may hold decrypted bytes no watcher sees)."""
+        session = self.session
+        return (self.parking is not None and session.state is State.TRANSACTION
+                and session.continuation is None and not self.encrypted)
+
+    def _park(self, deadline: float) -> None:
+        """End this greenlet; the session waits in worker.parking for its next bytes."""
+        assert self.parking is not None
+        self.deadline = deadline
+        self.greenlet = None  # ends with this raise; a dead greenlet still holds its frames
+        self.parking.park(self, self.sock.fileno(), deadline)
+        self.session.log.debug("idle: parked without a greenlet")
+        raise Parked
 
     def _wait(self, idle_deadline: float) -> float:
         """Seconds the next read may wait: to the idle deadline or, before a successful login,
@@ -274,13 +329,17 @@ class Connection:
             return "UNKNOWN"
         if session.state is not State.TRANSACTION:
             return "UPDATE"
-        idle = time.monotonic() - self.idle_since if self.reading else 0.0
+        waiting = self.reading or (self.parking is not None and self in self.parking)
+        idle = time.monotonic() - self.idle_since if waiting else 0.0
         return None if idle >= idle_needed else f"ACTIVE {idle:.1f}"
 
     def end_for_takeover(self, by: str) -> float:
         """Raise TakenOver in the session's greenlet, parked in recv (checked by the caller);
         the greenlet drops the lock before it returns here. Returns the idle seconds."""
         idle = time.monotonic() - self.idle_since
+        if self.parking is not None and self in self.parking:
+            self.parking.wake(self, TakenOver(f"by {by}"))  # the new greenlet releases it
+            return idle
         assert self.greenlet is not None
         self.greenlet.throw(TakenOver(f"by {by}"))
         return idle

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from shared import descriptors
 from shared.accountsource import AccountSource, PasswdFileSource, Policy
 from shared.accountspec import PASSWD_FILE, UsersSpec
 from shared.keytable import Keyer
@@ -26,6 +28,7 @@ from worker.authguard import AuthGuard
 from worker import store
 from worker.rewrite import Rewriter, Rules
 from worker.sessionstats import SessionStats
+from worker.streamslots import Semaphore
 from worker.supervisorlink import DETACHED, SupervisorLink
 from worker.takeoverdesk import TakeoverDesk
 from worker.tlsservice import TlsService
@@ -41,7 +44,8 @@ class ServerContext:
                  stats: SessionStats, supervisor: SupervisorLink, xtnd: XtndAuthorization,
                  guard: AuthGuard, takeover: TakeoverDesk,
                  offload: Callable[..., Any] = _direct,
-                 sleep: Callable[[float], Any] = time.sleep):
+                 sleep: Callable[[float], Any] = time.sleep,
+                 streams: Semaphore | None = None):
         self.settings = settings
         self.accounts = accounts
         self.tls = tls
@@ -57,6 +61,9 @@ class ServerContext:
         self.since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
         self._offload = offload
         self.sleep = sleep  # gevent.sleep in a worker: a failed login's delay blocks no one else
+        # Message files open at once (RETR, TOP): a gevent semaphore in a worker, so the
+        # descriptor budget holds (shared/descriptors.py, worker/streamslots.py).
+        self.streams = streams or threading.BoundedSemaphore(descriptors.STREAMS_AT_ONCE)
 
     @functools.cached_property
     def rewriter(self) -> Rewriter:
@@ -82,7 +89,8 @@ def build_context(settings: Any, area: StatsArea, slot: int,
                   source: AccountSource | dict[str, Account], *,
                   offload: Callable[..., Any] = _direct,
                   sleep: Callable[[float], Any] = time.sleep,
-                  supervisor: SupervisorLink = DETACHED) -> ServerContext:
+                  supervisor: SupervisorLink = DETACHED,
+                  streams: Semaphore | None = None) -> ServerContext:
     """Every part, made once; worker/main.py passes the thread pool, gevent's sleep and the
     channel, a sans-IO test takes the defaults (no supervisor, work done in place). A test
     may pass a parsed users table for ``source``: it serves as a passwd-file."""
@@ -105,4 +113,5 @@ def build_context(settings: Any, area: StatsArea, slot: int,
         takeover=TakeoverDesk(settings.takeover_idle),
         offload=offload,
         sleep=sleep,
+        streams=streams,
     )

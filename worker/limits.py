@@ -21,6 +21,8 @@ class LoginDeadline:
     once the login succeeded.
     """
 
+    __slots__ = ("seconds", "_clock", "_deadline", "_met", "_paused_at")
+
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
         self.seconds = seconds
         self._clock = clock
@@ -52,7 +54,7 @@ class LoginDeadline:
             self._paused_at = None
 
 
-@dataclass
+@dataclass(slots=True)
 class BadCommandBudget:
     """Unknown commands, commands in the wrong state and over-long lines a connection may send
     (``-max-bad-commands``); the one after the last is answered with -ERR and the close."""
@@ -66,7 +68,7 @@ class BadCommandBudget:
         return self.spent > self.limit
 
 
-@dataclass
+@dataclass(slots=True)
 class RepeatFilter:
     """Lets the same log text through ``repeats`` times per connection, then counts it.
 
@@ -90,7 +92,7 @@ class RepeatFilter:
         return True
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionLimits:
     login: LoginDeadline
     bad_commands: BadCommandBudget

@@ -91,7 +91,8 @@ class Maildir:
         self.home = home  # ``trusted`` is the account's home: never made here (safefs.walk)
         self.wastebasket = wastebasket
         self.purge = purge
-        self._root_fd: int | None = None
+        self._root_fd: int | None = None   # held from lock() to close_directory() only
+        self._root_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the locked Maildir
         self._lock_fd: int | None = None
         self.stamp = b""                     # written into the session lock (worker.takeover)
         self.lock_key: LockKey | None = None  # the held session lock file, while held
@@ -134,7 +135,18 @@ class Maildir:
             os.close(root)
             raise
         self._root_fd, self.owner = root, owner
+        st = os.fstat(root)
+        self._root_key = (st.st_dev, st.st_ino)
         self._read_ledger(root)
+
+    def close_directory(self) -> None:
+        """Close the Maildir's descriptor after the login's scan: a session holds only its
+        lock file between commands, and each later command walks to the Maildir again and
+        checks it is the one locked (``_root``). The lock file is what stays: flock on a file
+        opened read-write works across NFS nodes, and the file names the holder."""
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
     def _read_ledger(self, root: int) -> None:
         """The ledger and the import table; on first sight, the previous server's UIDLs."""
@@ -152,10 +164,17 @@ class Maildir:
 
     def save_ledger(self) -> bool:
         """Write the ledger if it learned something (pool); a full disk is only logged."""
-        if self._root_fd is None or self.owner is None:
+        if self._root_key is None or self.owner is None:
             return False
-        return ledgers.save(self._root_fd, LEDGER_NAME, self.ledger,
-                            (self.owner, self._group(self._root_fd)), self.path)
+        if not self.ledger.dirty:
+            return True  # nothing learned: no walk to the directory
+        try:
+            with self._root() as root:
+                return ledgers.save(root, LEDGER_NAME, self.ledger,
+                                    (self.owner, self._group(root)), self.path)
+        except OSError as exc:  # the Maildir was swapped (_root): the ledger only is lost
+            log.warning("ledger of %s not written: %s", escaped(self.path), exc)
+            return False
 
     def made_owner(self, root: int) -> safefs.Owner:
         """Whom what the server makes in this Maildir belongs to: the account's uid and gid
@@ -172,16 +191,21 @@ class Maildir:
             if fd is not None:
                 os.close(fd)  # closing the only descriptor releases the flock
         self._lock_fd = self._root_fd = None
-        self.lock_key = None
+        self.lock_key = self._root_key = None
 
     @contextmanager
     def _root(self) -> Iterator[int]:
-        """The Maildir's descriptor: the session's, or (scan without a lock, in tests and
-        tools) one walked for this call."""
+        """The Maildir's descriptor: the login's, until ``close_directory``; then one walked
+        for this call that must be the directory locked at login (else UnsafeEntry, an
+        OSError: the command gets -ERR and nothing is read, moved or deleted); without a
+        lock (tests and tools), one walked for this call."""
         if self._root_fd is not None:
             yield self._root_fd
             return
-        fd = safefs.walk(self.trusted, self.below, self.owner, create=False)
+        if self._root_key is not None:
+            fd = safefs.reopen(self.trusted, self.below, self.owner, self._root_key)
+        else:
+            fd = safefs.walk(self.trusted, self.below, self.owner, create=False)
         try:
             if self.owner is None:
                 self.owner = os.fstat(fd).st_uid

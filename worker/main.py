@@ -7,6 +7,7 @@ means the supervisor is gone, and then the worker finishes its sessions and exit
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import gevent.socket
+from gevent import GreenletExit
 from setproctitle import setproctitle
 
 from shared import descriptors, handoff, logsetup, proxyprotocol, refusal
@@ -28,9 +30,10 @@ from shared.handoff import Kind
 from shared.logsetup import log
 from shared.stats import TICK_SECONDS, Counter, Header, StatsArea
 from shared.accountsource import AccountSourceError, open_source
-from worker import xtnd
+from worker import openahead, xtnd
 from worker.connection import Connection
 from worker.context import ServerContext, build_context
+from worker.parking import Parking
 from worker.pop3 import State
 from worker.reloading import Reloader
 from worker.supervisorlink import SupervisorLink
@@ -52,6 +55,8 @@ class Worker:
         self.link = link
         self.sessions = gevent.pool.Group()
         self.connections: dict[gevent.Greenlet, Connection] = {}  # session greenlet -> its own
+        # Idle logged-in sessions without a greenlet (worker.parking): sessions = both.
+        self.parking = Parking(self.resume_later)
         self.channel = link.channel
         self.draining = False
         self.supervisor_gone = False
@@ -137,7 +142,7 @@ class Worker:
         if self.supervisor_gone:
             return
         self.supervisor_gone = True
-        log.info("%s: finishing %d sessions", why, len(self.sessions))
+        log.info("%s: finishing %d sessions", why, self.session_count())
         self.begin_drain(self.settings.grace or self.settings.timeout)
 
     def descriptor_dropped(self, frame: handoff.Frame) -> None:
@@ -203,15 +208,38 @@ class Worker:
         # Connection.serve): the supervisor's load (CURRENT + handed off but not received) then
         # never misses a session that waits for its greenlet, so -maxclients stays exact.
         me = gevent.getcurrent()
+        parked = False
         try:
             sock = gevent.socket.socket(fileno=fd)
-            self.connections[me] = Connection(sock, self.ctx, session_id, implicit_tls, proxied)
-            self.connections[me].serve()
+            connection = Connection(sock, self.ctx, session_id, implicit_tls, proxied)
+            connection.parking, connection.address_key = self.parking, address_key
+            self.connections[me] = connection
+            parked = connection.serve()
         finally:
             self.connections.pop(me, None)
             # The supervisor's own key for the address, even if the client reset before its
             # address could be read here (issue 10), so its per-address count comes down.
-            self.address_closed(address_key)
+            if not parked:
+                self.address_closed(address_key)
+
+    def resume_later(self, connection: Connection,
+                     error: BaseException | None) -> gevent.Greenlet:
+        """A parked session's next greenlet, in the session group (worker.parking)."""
+        return self.sessions.spawn(self.resume, connection, error)
+
+    def resume(self, connection: Connection, error: BaseException | None) -> None:
+        me = gevent.getcurrent()
+        parked = False
+        self.connections[me] = connection
+        try:
+            parked = connection.resume(error)
+        finally:
+            self.connections.pop(me, None)
+            if not parked:
+                self.address_closed(connection.address_key)
+
+    def session_count(self) -> int:
+        return len(self.sessions) + len(self.parking)
 
     def address_closed(self, address_key: int) -> None:
         if self.settings.max_per_address:
@@ -227,7 +255,7 @@ class Worker:
         """Stop taking work; sessions get ``deadline_seconds`` (0 = as long as they need)."""
         if not self.draining:
             self.draining = True  # RUNNING -> DRAINING
-            log.info("worker %d draining, %d sessions", self.slot, len(self.sessions))
+            log.info("worker %d draining, %d sessions", self.slot, self.session_count())
             self.drain_started.set()
             if not self.supervisor_gone:
                 # Stop being sent sessions (a drain may start here: SIGTERM to this pid).
@@ -241,12 +269,17 @@ class Worker:
         """Wait for sessions; past the deadline, close the rest without applying them, except
         those in UPDATE: their commit runs in the pool, where no kill can stop it, so they get
         up to COMMIT_WAIT_SECONDS more to finish it and say +OK."""
-        while len(self.sessions):
-            self.sessions.join(timeout=0.2)
+        while self.session_count():
+            if len(self.sessions):
+                self.sessions.join(timeout=0.2)
+            else:
+                gevent.sleep(0.2)  # only parked sessions: join would return at once
             if self.drain_deadline is None or time.monotonic() < self.drain_deadline:
                 continue
+            # Parked sessions end like killed ones (they say goodbye in their new greenlet).
+            woken = self.parking.wake_all(GreenletExit())
             updating = [g for g in self.sessions if self._updating(g)]
-            idle = [g for g in self.sessions if g not in updating]
+            idle = [g for g in self.sessions if g not in updating and g not in woken]
             if idle:
                 log.info("grace period over: closing %d sessions unapplied", len(idle))
                 gevent.killall(idle, block=False)
@@ -273,7 +306,7 @@ class Worker:
             self.probe_pool()
             if os.getppid() != self.parent:
                 self.channel_ended("the supervisor is gone (the parent process changed)")
-            current = len(self.sessions)
+            current = self.session_count()
             if current != shown:
                 setproctitle(f"iupop3: worker {self.slot} [{current} sessions]")
                 shown = current
@@ -357,14 +390,24 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     hub = gevent.get_hub()
+    hub.threadpool.maxsize = descriptors.POOL_THREADS  # the descriptor budget counts them
     link = SupervisorLink(gevent.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET,
                                                fileno=CHANNEL_FD))
     ctx = build_context(settings, stats, slot, source,
                         offload=lambda f, *a: in_threadpool(hub, f, *a,
                                                              beat=lambda: pool_beat(stats, slot)),
-                        sleep=gevent.sleep, supervisor=link)
+                        sleep=gevent.sleep, supervisor=link,
+                        streams=gevent.lock.BoundedSemaphore(
+                            descriptors.stream_slots(descriptors.soft_limit())))
+    openahead.WORKER_BUDGET = descriptors.open_ahead_files(descriptors.soft_limit())
     reloader = Reloader([ctx.accounts, ctx.tls, ctx.xtnd])
-    return Worker(slot, settings, stats, ctx, link, reloader, handler).run()
+    worker = Worker(slot, settings, stats, ctx, link, reloader, handler)
+    # What is made so far lives as long as the process (the accounts table, modules): keep it
+    # out of the cyclic collector's full passes, which walked it again at every one while
+    # sessions waited (100,000 accounts: about 70 ms a pass). A reload's table is collected
+    # as usual; freed by reference counting, the frozen one does not stay.
+    gc.freeze()
+    return worker.run()
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class Mbox:
             self.path = os.path.abspath(trusted)
             self.trusted, self.below = os.path.dirname(self.path), ()
         self.owner = owner
-        self._dir_fd: int | None = None  # the spool's directory, while the session lock is held
+        self._dir_fd: int | None = None  # the spool's directory, from lock() to close_directory()
+        self._dir_key: tuple[int, int] | None = None  # its (st_dev, st_ino), while locked
         self.sizing = sizing
         self.directory, self.name = os.path.split(self.path)
         self.wastebasket = wastebasket
@@ -146,6 +147,8 @@ class Mbox:
             raise
         self._dir_fd = directory
         self.lock_key = (st.st_dev, st.st_ino)
+        where = os.fstat(directory)
+        self._dir_key = (where.st_dev, where.st_ino)
         # left by a commit that crashed: the spool is whole
         _unlink_quietly(_name(self.new_path), self._dir_fd)
         self.ledger = ledgers.load_for_spool(self.path, self.ledger_dir, "", self._dir_fd)
@@ -176,8 +179,26 @@ class Mbox:
                                 " of one link of the account's; refused")
         return fd
 
+    def close_directory(self) -> None:
+        """Close the spool directory's descriptor after the login's scan: between commands a
+        session holds only its lock file; each command walks to the directory again and
+        checks it is the one locked (``_directory``)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
     def save_ledger(self) -> bool:
-        return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger, self._dir_fd)
+        if not self.ledger.dirty:
+            return True  # nothing learned: no walk to the directory
+        if self._dir_fd is not None or self._dir_key is None:
+            return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger, self._dir_fd)
+        try:
+            with self._directory() as directory:
+                return ledgers.save_for_spool(self.path, self.ledger_dir, self.ledger,
+                                              directory)
+        except OSError as exc:  # the directory was swapped: the ledger only, never the login
+            log.warning("ledger of %s not written: %s", escaped(self.path), exc)
+            return False
 
     def unlock(self) -> None:
         if self._session_fd is not None:
@@ -187,15 +208,19 @@ class Mbox:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        self._dir_key = None
 
     @contextmanager
     def _directory(self) -> Iterator[int]:
-        """The spool directory's descriptor: the session's, or (a scan without the session
-        lock, in tests and tools) one walked for this call."""
+        """The spool directory's descriptor: the login's, until ``close_directory``; then
+        one walked for this call that must be the directory locked at login (else
+        UnsafeEntry, an OSError: -ERR, nothing read or changed); without the session lock
+        (tests and tools), one walked for this call."""
         if self._dir_fd is not None:
             yield self._dir_fd
             return
-        fd = self._walk()
+        fd = (safefs.reopen(self.trusted, self.below, self.owner, self._dir_key)
+              if self._dir_key is not None else self._walk())
         try:
             yield fd
         finally:

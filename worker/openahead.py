@@ -14,15 +14,18 @@ the session ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any, BinaryIO
 
+from shared import descriptors
 from worker.maildir import Maildir
 from worker.store import Maildrop, Message
 
 AHEAD = 4                    # messages opened past the one asked for
 AHEAD_OCTETS = 1 << 20       # their stored sizes together: a run of big ones stays short
-WORKER_BUDGET = 512          # open-ahead files held by every session of this worker together
+# Open-ahead files held by every session of this worker together: part of the descriptor
+# budget's spare (shared/descriptors.py); worker/main.py sets it for the worker's limit.
+WORKER_BUDGET = descriptors.OPEN_AHEAD_FILES
 
 
 class OpenAhead:
@@ -35,7 +38,7 @@ class OpenAhead:
         self.files: dict[int, BinaryIO] = {}
 
     def open(self, offload: Callable[..., Any], maildrop: Maildrop, message: Message,
-             messages: list[Message], deleted: set[int]) -> BinaryIO:
+             messages: list[Message], deleted: Container[int]) -> BinaryIO:
         """``message``'s file: opened ahead, or now through ``offload`` (the pool) with the
         next few live messages; raises what ``open_message`` raises for ``message`` itself."""
         fh = self.take(message.index)
@@ -68,7 +71,7 @@ class OpenAhead:
         for fh in files:
             fh.close()
 
-    def wanted(self, message: Message, messages: list[Message], deleted: set[int]) -> list[Message]:
+    def wanted(self, message: Message, messages: list[Message], deleted: Container[int]) -> list[Message]:
         """The live messages after ``message`` worth opening with it (none over the budget)."""
         room = min(AHEAD, WORKER_BUDGET - OpenAhead.held)
         octets, chosen = 0, []

@@ -177,6 +177,25 @@ def walk(trusted: str, below: tuple[str, ...], owner: int | None, create: bool,
     return fd
 
 
+def reopen(trusted: str, below: tuple[str, ...], owner: int | None,
+           key: tuple[int, int]) -> int:
+    """The directory a session locked at login, walked again for one command (a session does
+    not hold its maildrop's descriptor between commands: a descriptor each was the limit of
+    a worker's sessions). It must be that same directory, (st_dev, st_ino) ``key``: one its
+    user swapped in since, by rename or symlink, is UnsafeEntry and nothing in it is used."""
+    try:
+        fd = walk(trusted, below, owner, create=False)
+    except FileNotFoundError:
+        raise UnsafeEntry(errno.ESTALE, "is gone since login (moved or removed)",
+                          os.path.join(trusted, *below)) from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != key:
+        os.close(fd)
+        raise UnsafeEntry(errno.ESTALE, "is not the directory locked at login (replaced"
+                          " since)", os.path.join(trusted, *below))
+    return fd
+
+
 def _owned_link(parent: int, name: str, owner: int | None) -> int:
     link = os.stat(name, dir_fd=parent, follow_symlinks=False)
     if not stat.S_ISLNK(link.st_mode):

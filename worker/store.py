@@ -74,6 +74,10 @@ class Maildrop(Protocol):
     def unlock(self) -> None:
         """Release it without applying anything; loop (closes descriptors only)."""
 
+    def close_directory(self) -> None:
+        """Close the maildrop's directory after the login's scan; later commands walk to it
+        again and refuse one swapped meanwhile (a session holds only its lock file); loop."""
+
     def scan(self, maxmsg: int = 0) -> list[Message]:
         """The messages, oldest first, at most ``maxmsg`` (0 = all); pool."""
 
@@ -135,6 +139,7 @@ def lock_and_scan(maildrop: Maildrop, maxmsg: int, policy: Policy = Policy(),
     except BaseException:
         maildrop.unlock()
         raise
+    maildrop.close_directory()
     return messages
 
 
