@@ -44,22 +44,6 @@ def test_a_parked_session_serves_its_next_commands_and_applies_its_quit(start_se
                       == ["1700000002.M2.test", "1700000003.M3.test"])
 
 
-def test_a_session_busy_with_commands_does_not_park_between_them(start_server):
-    """A download answered command after command never parks: parking at once after every
-    reply cost a greenlet and a watcher per command (RETR: 1.5 ms more CPU per MB). Proved by
-    the QUIT's answer and the log's last line for it, with no park line before them."""
-    server = start_server("-workers", "1")
-    raw = _logged_in(server)
-    for _ in range(10):
-        for n in (1, 2, 3):
-            assert raw.command(f"RETR {n}").startswith(b"+OK")
-            raw.multiline()
-        assert raw.command("NOOP") == R.NOOP.encode()
-    assert raw.command("QUIT").startswith(b"+OK")
-    server.wait_for(r"w\d+\.\d+ S: \+OK IUPOP3 server at \S+ signing off")
-    assert not re.findall(PARKED, server.output)
-
-
 def test_pipelined_commands_after_parking_are_all_answered(start_server):
     """Three commands in one packet to a parked session: three answers, in order."""
     server = start_server("-workers", "1")

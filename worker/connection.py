@@ -243,25 +243,22 @@ class Connection:
         # bytes that never end a line (slowloris) is cut at -timeout like a silent one.
         timeout = self.ctx.settings.timeout
         deadline = self.deadline
-        parking = self.parking
         while not session.closing:
             wait = self._wait(deadline)
-            # Nothing buffered: a wait that lasts PARK_AFTER is ended by worker.parking.
+            # Nothing buffered and nothing to read now: park (worker.parking) rather than wait.
             park = wait > PARK_AFTER and not buffer and not discarding and self._parkable()
-            self.sock.settimeout(wait)
+            self.sock.settimeout(0.0 if park else wait)
             self.reading = True
-            if park:
-                parking.wait_begins(self, self.greenlet, time.monotonic())
             try:
                 data = self.sock.recv(_READ_SIZE)
-            except Parked:
+            except BlockingIOError:
+                if not park:
+                    raise
                 self._park(deadline)
             except TimeoutError:
                 continue  # the next _wait raises for the deadline that passed
             finally:
                 self.reading = False
-                if park:
-                    parking.wait_ends(self)
                 self.sock.settimeout(timeout)  # replies get the whole timeout to go out
             if not data:
                 return
