@@ -16,6 +16,7 @@ from shared.stats import StatsArea
 from shared.users import parse_users
 from tests.conftest import RawClient, sample, write_message
 from tests.processes import wait_until
+from tests.test_mbox import spool_of
 from worker import openahead
 from worker.context import build_context
 from worker.pop3 import Session
@@ -138,9 +139,7 @@ def test_mbox_messages_are_not_opened_ahead(tmp_path):
     """An mbox open copies the message out of the spool: only the one asked for is opened."""
     spool_dir = tmp_path / "mail"
     spool_dir.mkdir()
-    (spool_dir / "alice").write_bytes(b"".join(
-        b"From a@example.org Thu Jan  1 00:00:00 2026\n" + sample(n).encode() + b"\n"
-        for n in range(1, 5)))
+    (spool_dir / "alice").write_bytes(spool_of([sample(n).encode() for n in range(1, 5)]))
     values = dict(users="unused", mail=f"mbox:{spool_dir}/%u", hostname="pop.example.org",
                   maxmsg=0)
     ctx = build_context(settings_mod.Settings(**values), StatsArea.create(2, 0), 1,

@@ -71,7 +71,8 @@ class OpenAhead:
         for fh in files:
             fh.close()
 
-    def wanted(self, message: Message, messages: list[Message], deleted: Container[int]) -> list[Message]:
+    def wanted(self, message: Message, messages: list[Message],
+               deleted: Container[int]) -> list[Message]:
         """The live messages after ``message`` worth opening with it (none over the budget)."""
         room = min(AHEAD, WORKER_BUDGET - OpenAhead.held)
         octets, chosen = 0, []
